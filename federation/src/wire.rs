@@ -1,0 +1,166 @@
+//! What every connection says first, and how frame bodies are encoded.
+//!
+//! A connection (client or peer) is a stream of frames, each a 4-byte big-endian length
+//! followed by that many bytes. The first frame from the dialling side is a [`Hello`]:
+//!
+//! ```text
+//! +------+------+------+------+---------+---------+------+
+//! | 'I'  | 'P'  | 'C'  | 'M'  | version (u16 BE)  | role |
+//! +------+------+------+------+---------+---------+------+
+//! ```
+//!
+//! Every later frame body is MessagePack (named fields, so old and new versions can skip what
+//! they do not know). Frames longer than the receiver's limit are refused from the length
+//! prefix alone, before any buffering.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::Error;
+
+/// The first four bytes of every hello.
+pub const MAGIC: [u8; 4] = *b"IPCM";
+
+/// The wire protocol version this build speaks. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Length of an encoded hello.
+pub const HELLO_LEN: usize = 7;
+
+/// Who is dialling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A CLI, an MCP server, a bench: something acting for agents.
+    Client,
+    /// Another broker.
+    Peer,
+}
+
+impl Role {
+    fn to_byte(self) -> u8 {
+        match self {
+            Role::Client => 1,
+            Role::Peer => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Role> {
+        match b {
+            1 => Some(Role::Client),
+            2 => Some(Role::Peer),
+            _ => None,
+        }
+    }
+}
+
+/// The opening frame of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub role: Role,
+}
+
+impl Hello {
+    pub fn new(role: Role) -> Self {
+        Hello {
+            version: PROTOCOL_VERSION,
+            role,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let v = self.version.to_be_bytes();
+        [
+            MAGIC[0],
+            MAGIC[1],
+            MAGIC[2],
+            MAGIC[3],
+            v[0],
+            v[1],
+            self.role.to_byte(),
+        ]
+    }
+
+    /// Parses a hello frame body. A version other than ours is an error: there is only one so
+    /// far, and guessing at a newer peer's meaning would be worse than refusing it clearly.
+    pub fn decode(frame: &[u8]) -> Result<Hello, Error> {
+        if frame.first() == Some(&b'{') {
+            return Err(Error::Protocol(
+                "this looks like a claude-ipc-mcp JSON request; this is an ipc-mesh broker, \
+                 which speaks length-delimited MessagePack frames (see docs/protocol.md)"
+                    .into(),
+            ));
+        }
+        if frame.len() != HELLO_LEN || frame[..4] != MAGIC {
+            return Err(Error::Protocol(
+                "bad hello: expected the magic bytes \"IPCM\", a version and a role".into(),
+            ));
+        }
+        let version = u16::from_be_bytes([frame[4], frame[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(Error::Protocol(format!(
+                "protocol version {version} is not supported; this broker speaks version \
+                 {PROTOCOL_VERSION}"
+            )));
+        }
+        let role = Role::from_byte(frame[6])
+            .ok_or_else(|| Error::Protocol(format!("unknown role {} in hello", frame[6])))?;
+        Ok(Hello { version, role })
+    }
+}
+
+/// Encodes a frame body.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own types to a Vec cannot fail: they have string keys and no
+    // unrepresentable values.
+    rmp_serde::to_vec_named(value).expect("encoding a wire type cannot fail")
+}
+
+/// Decodes a frame body; the error says what could not be read.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    rmp_serde::from_slice(body).map_err(|e| Error::Invalid(format!("undecodable frame: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips() {
+        for role in [Role::Client, Role::Peer] {
+            let h = Hello::new(role);
+            assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        }
+    }
+
+    #[test]
+    fn bad_hellos_are_refused_with_a_reason() {
+        let mut wrong_magic = Hello::new(Role::Client).encode();
+        wrong_magic[0] = b'X';
+        assert!(Hello::decode(&wrong_magic)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+
+        let mut wrong_version = Hello::new(Role::Client).encode();
+        wrong_version[5] = 99;
+        assert!(Hello::decode(&wrong_version)
+            .unwrap_err()
+            .to_string()
+            .contains("version"));
+
+        let mut wrong_role = Hello::new(Role::Client).encode();
+        wrong_role[6] = 7;
+        assert!(Hello::decode(&wrong_role).is_err());
+
+        assert!(Hello::decode(b"").is_err());
+        assert!(Hello::decode(br#"{"action":"register"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("claude-ipc-mcp"));
+    }
+
+    #[test]
+    fn garbage_bodies_do_not_decode() {
+        assert!(decode::<Vec<String>>(&[0xc1, 0xff, 0x00]).is_err());
+    }
+}

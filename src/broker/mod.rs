@@ -1,0 +1,1304 @@
+//! The broker: the agents attached to it, their inboxes, and the requests that change them.
+//!
+//! A request travels like this:
+//!
+//! 1. [`server`] accepts a TCP connection (bounded by a semaphore) and hands it to [`session`].
+//! 2. The session reads the hello, answers with a welcome, then reads request frames.
+//! 3. Each request goes to [`Broker::handle`], which validates it and, under the broker lock,
+//!    applies its writes to the storage engine in one atomic batch. It returns an [`Outcome`]:
+//!    a reply now, a reply once the write is durable, or a wait for new messages.
+//! 4. The session waits on [`commit`] (group commit: one flush serves every write before it),
+//!    then sends the reply. Messages become visible to readers only once durable, and their
+//!    recipients' waiters are woken then.
+//! 5. [`retention`] sweeps read messages, expired unread ones (telling their senders) and
+//!    lapsed names in the background.
+//!
+//! The lock is a std mutex, never held across an await; storage calls under it are short
+//! in-memory sled operations. Only flushes block, and they run on the flusher task.
+
+pub mod commit;
+mod rate;
+pub mod retention;
+pub mod server;
+mod session;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use federation::message::MessageKind;
+use federation::{AgentName, BrokerId, Dot, Message};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{defaults, Config};
+use crate::error::{Error, ErrorKind, Result, WireError};
+use crate::identity::{self, AgentRecord, SYSTEM};
+use crate::inbox::{self, Entry};
+use crate::protocol::{
+    AgentView, Body, BrokerView, ClockEntry, Counters, MessageView, Reply, Route, Skipped,
+    StatusView,
+};
+use crate::storage::{keys, Batch, Engine};
+
+use self::commit::{Commit, Durable};
+use self::rate::RateLimiter;
+
+/// Sequences reserved (and persisted) at a time, so a restart never reuses one.
+const SEQ_BLOCK: u64 = 100_000;
+/// The most messages one fetch returns.
+pub const FETCH_MAX: u32 = 1000;
+/// About how many bytes of content one fetch returns (at least one message).
+const FETCH_BYTES: usize = 8 * 1024 * 1024;
+/// The deepest JSON nesting accepted in `data`.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// A cheap, cloneable handle to a running broker's state.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: BrokerId,
+    config: Config,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    engine: Arc<dyn Engine>,
+    state: Mutex<State>,
+    commit: Commit,
+    started: Instant,
+    counters: CounterCells,
+}
+
+#[derive(Default)]
+struct CounterCells {
+    messages_accepted: AtomicU64,
+    messages_stored: AtomicU64,
+    messages_expired: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    rate_limited: AtomicU64,
+    flushes: AtomicU64,
+    connections: AtomicU64,
+}
+
+struct State {
+    /// Every name this broker knows, including forwarding records of renamed agents.
+    agents: BTreeMap<AgentName, Agent>,
+    /// Unread messages per recipient, including those held for names not yet registered.
+    unread: HashMap<AgentName, u64>,
+    /// Waiters of each agent, woken when a message for it becomes durable.
+    waiters: HashMap<AgentName, Arc<Notify>>,
+    next_seq: u64,
+    seq_ceiling: u64,
+    /// Bumped by every applied batch; see [`commit`].
+    epoch: u64,
+    /// The highest inbox arrival position written.
+    last_arrival: u64,
+    /// Recipients of messages written since the flusher last looked.
+    to_wake: Vec<AgentName>,
+    rate: RateLimiter,
+}
+
+struct Agent {
+    record: AgentRecord,
+    /// Open connections registered as this agent.
+    online: u32,
+}
+
+/// What a connection knows about itself.
+#[derive(Debug)]
+pub struct SessionCtx {
+    pub conn_id: u64,
+    pub agent: Option<AgentName>,
+}
+
+/// How a request is answered.
+pub enum Outcome {
+    /// The reply, now.
+    Now(Result<Reply, WireError>),
+    /// The reply, once every write up to `epoch` is durable.
+    AfterCommit { epoch: u64, reply: Reply },
+    /// Wait until `agent` has an unread message (or the timeout), then fetch.
+    Wait {
+        agent: AgentName,
+        notify: Arc<Notify>,
+        timeout: Duration,
+        limit: u32,
+        mark_read: bool,
+    },
+}
+
+impl From<Result<Reply, WireError>> for Outcome {
+    fn from(r: Result<Reply, WireError>) -> Self {
+        Outcome::Now(r)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn not_registered() -> WireError {
+    WireError::new(
+        ErrorKind::NotRegistered,
+        "this connection is not registered as an agent; register a name first",
+    )
+}
+
+fn storage_err(e: Error) -> WireError {
+    WireError::new(ErrorKind::Unavailable, format!("storage failed: {e}"))
+}
+
+/// Background tasks of a broker, stopped by [`BrokerTasks::shutdown`].
+pub struct BrokerTasks {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl BrokerTasks {
+    /// Stops the flusher and sweeper; the flusher makes a last flush before it returns.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl Broker {
+    /// Opens the broker's storage and starts its flusher and retention sweeper.
+    ///
+    /// `listen` is the bound address (it may differ from the configured one when the port was 0).
+    pub fn start(
+        engine: Arc<dyn Engine>,
+        config: Config,
+        listen: SocketAddr,
+        data_dir: PathBuf,
+    ) -> Result<(Broker, BrokerTasks)> {
+        let id = match engine.get(&keys::meta("broker_id"))? {
+            Some(v) if v.len() == 4 => {
+                BrokerId::from_u32(u32::from_be_bytes(v[..4].try_into().expect("4 bytes")))
+            }
+            Some(_) => return Err(Error::Storage("corrupt broker id".into())),
+            None => BrokerId::random(),
+        };
+        let old_ceiling = match engine.get(&keys::meta("seq_ceiling"))? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+            Some(_) => return Err(Error::Storage("corrupt sequence ceiling".into())),
+            None => 0,
+        };
+        // Whatever the last run used of its block is skipped: sequences are never reused.
+        let next_seq = old_ceiling + 1;
+        let seq_ceiling = old_ceiling + SEQ_BLOCK;
+        let mut b = Batch::new();
+        b.put(keys::meta("broker_id"), id.as_u32().to_be_bytes().to_vec());
+        b.put(keys::meta("seq_ceiling"), seq_ceiling.to_be_bytes().to_vec());
+        engine.apply(b)?;
+        engine.flush()?;
+
+        let mut agents = BTreeMap::new();
+        for (_, v) in engine.scan(&[keys::AGENT], None, usize::MAX)? {
+            let record: AgentRecord = federation::wire::decode(&v)
+                .map_err(|e| Error::Storage(format!("corrupt agent record: {e}")))?;
+            if let Ok(name) = AgentName::new(record.name.clone()) {
+                agents.insert(name, Agent { record, online: 0 });
+            }
+        }
+        let mut unread: HashMap<AgentName, u64> = HashMap::new();
+        for (k, _) in engine.scan(&[keys::UNREAD], None, usize::MAX)? {
+            if let Some(name) = keys::parse_inbox(&k).and_then(|(n, _)| AgentName::new(n).ok()) {
+                *unread.entry(name).or_default() += 1;
+            }
+        }
+
+        let (commit, wake, durable_tx) = Commit::new(Durable {
+            epoch: 0,
+            arrival: old_ceiling,
+            failed: false,
+        });
+        let rate = RateLimiter::new(config.limits.rate_per_sec, config.limits.rate_burst);
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                id,
+                config,
+                listen,
+                data_dir,
+                engine,
+                state: Mutex::new(State {
+                    agents,
+                    unread,
+                    waiters: HashMap::new(),
+                    next_seq,
+                    seq_ceiling,
+                    epoch: 0,
+                    last_arrival: old_ceiling,
+                    to_wake: Vec::new(),
+                    rate,
+                }),
+                commit,
+                started: Instant::now(),
+                counters: CounterCells::default(),
+            }),
+        };
+        let tasks = BrokerTasks {
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        };
+        tasks
+            .tracker
+            .spawn(broker.clone().run_flusher(wake, durable_tx, tasks.cancel.clone()));
+        tasks
+            .tracker
+            .spawn(retention::run(broker.clone(), tasks.cancel.clone()));
+        tracing::info!(broker = %id, next_seq, "broker storage opened");
+        Ok((broker, tasks))
+    }
+
+    pub fn id(&self) -> BrokerId {
+        self.inner.id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn commit(&self) -> &Commit {
+        &self.inner.commit
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state it guards is still consistent
+        // because every mutation is applied to storage before memory.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The flusher: see [`commit`].
+    async fn run_flusher(
+        self,
+        wake: Arc<Notify>,
+        durable: watch::Sender<Durable>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let stopping = tokio::select! {
+                _ = wake.notified() => false,
+                _ = cancel.cancelled() => true,
+            };
+            let (epoch, arrival, to_wake) = {
+                let mut s = self.state();
+                (s.epoch, s.last_arrival, std::mem::take(&mut s.to_wake))
+            };
+            if epoch > durable.borrow().epoch || stopping {
+                let engine = self.inner.engine.clone();
+                let flushed = tokio::task::spawn_blocking(move || engine.flush()).await;
+                match flushed {
+                    Ok(Ok(())) => {
+                        self.inner.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                        durable.send_modify(|d| {
+                            d.epoch = d.epoch.max(epoch);
+                            d.arrival = d.arrival.max(arrival);
+                        });
+                        let s = self.state();
+                        for name in to_wake {
+                            if let Some(n) = s.waiters.get(&name) {
+                                n.notify_waiters();
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "flush failed; refusing further acknowledgements");
+                        durable.send_modify(|d| d.failed = true);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "flush task panicked");
+                        durable.send_modify(|d| d.failed = true);
+                    }
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Counts a new connection; returns its id.
+    pub fn connection_opened(&self) -> u64 {
+        self.inner.counters.connections.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Called when a connection closes: the agent it was registered as may go offline.
+    pub fn connection_closed(&self, ctx: &SessionCtx) {
+        let Some(name) = &ctx.agent else { return };
+        let mut s = self.state();
+        let now = now_ms();
+        if let Some(a) = s.agents.get_mut(name) {
+            a.online = a.online.saturating_sub(1);
+            a.record.last_seen_ms = now;
+            let record = a.record.clone();
+            let mut b = Batch::new();
+            b.put(keys::agent(name), federation::wire::encode(&record));
+            // Last-seen is advisory: written now, made durable by the next flush.
+            if let Err(e) = self.inner.engine.apply(b) {
+                tracing::warn!(error = %e, agent = %name, "could not record last-seen");
+            } else {
+                s.epoch += 1;
+            }
+        }
+    }
+
+    /// Validates and applies one request. See the module docs for the flow.
+    pub fn handle(&self, ctx: &mut SessionCtx, body: Body) -> Outcome {
+        let c = &self.inner.counters;
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        if !matches!(body, Body::Ping) {
+            let who = match &ctx.agent {
+                Some(a) => a.to_string(),
+                None => format!("conn#{}", ctx.conn_id),
+            };
+            let limited = self.state().rate.check(&who, Instant::now());
+            if let Err(wait) = limited {
+                c.rate_limited.fetch_add(1, Ordering::Relaxed);
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                return Outcome::Now(Err(WireError::new(
+                    ErrorKind::RateLimited,
+                    format!(
+                        "rate limit of {} requests per second exceeded; retry in {} ms",
+                        self.inner.config.limits.rate_per_sec,
+                        wait.as_millis().max(1)
+                    ),
+                )));
+            }
+        }
+        let outcome = match body {
+            Body::Ping => Outcome::Now(Ok(Reply::Pong {
+                broker_id: self.inner.id.to_string(),
+            })),
+            Body::Register { name, token } => self.register(ctx, name, token),
+            Body::Send {
+                to,
+                content,
+                data,
+                reply_to,
+                hold,
+            } => self.send(ctx, to, content, data, reply_to, hold),
+            Body::Broadcast { content, data } => self.broadcast(ctx, content, data),
+            Body::Fetch {
+                include_read,
+                limit,
+                mark_read,
+            } => match &ctx.agent {
+                Some(agent) => self.fetch(agent, include_read, limit, mark_read),
+                None => Err(not_registered()).into(),
+            },
+            Body::Ack { ids } => self.ack(ctx, ids),
+            Body::Wait {
+                timeout_ms,
+                limit,
+                mark_read,
+            } => match &ctx.agent {
+                Some(agent) => Outcome::Wait {
+                    agent: agent.clone(),
+                    notify: self.waiter(agent),
+                    timeout: Duration::from_millis(timeout_ms).min(defaults::WAIT_MAX),
+                    limit,
+                    mark_read,
+                },
+                None => Err(not_registered()).into(),
+            },
+            Body::List => Outcome::Now(Ok(Reply::Agents {
+                agents: self.agent_views(),
+            })),
+            Body::Rename { new_name } => self.rename(ctx, new_name),
+            Body::Status => Outcome::Now(Ok(Reply::Status(Box::new(self.status())))),
+        };
+        if matches!(outcome, Outcome::Now(Err(_))) {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(agent) = &ctx.agent {
+            if let Some(a) = self.state().agents.get_mut(agent) {
+                a.record.last_seen_ms = now_ms();
+            }
+        }
+        outcome
+    }
+
+    fn waiter(&self, agent: &AgentName) -> Arc<Notify> {
+        self.state()
+            .waiters
+            .entry(agent.clone())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// Applies a batch and bumps the write epoch; call with the lock held.
+    fn apply(&self, s: &mut State, batch: Batch) -> Result<u64, WireError> {
+        self.inner.engine.apply(batch).map_err(storage_err)?;
+        s.epoch += 1;
+        Ok(s.epoch)
+    }
+
+    /// The next message sequence; reserves (and persists) another block when one runs out.
+    fn next_seq(&self, s: &mut State) -> Result<u64, WireError> {
+        if s.next_seq > s.seq_ceiling {
+            let ceiling = s.seq_ceiling + SEQ_BLOCK;
+            let mut b = Batch::new();
+            b.put(keys::meta("seq_ceiling"), ceiling.to_be_bytes().to_vec());
+            self.inner.engine.apply(b).map_err(storage_err)?;
+            // Rare (once per block): the reservation must be durable before any sequence of
+            // the new block is handed out.
+            self.inner.engine.flush().map_err(storage_err)?;
+            s.seq_ceiling = ceiling;
+        }
+        let seq = s.next_seq;
+        s.next_seq += 1;
+        Ok(seq)
+    }
+
+    fn unread_of(s: &State, agent: &AgentName) -> u64 {
+        s.unread.get(agent).copied().unwrap_or(0)
+    }
+
+    fn is_lapsed(&self, a: &Agent, now: u64) -> bool {
+        a.online == 0
+            && a.record.last_seen_ms + self.inner.config.limits.retention.as_millis() as u64 <= now
+    }
+
+    /// A claim is free for someone else once it lapsed and nothing waits unread for it.
+    fn claim_lapsed(&self, s: &State, name: &AgentName, a: &Agent, now: u64) -> bool {
+        self.is_lapsed(a, now) && Self::unread_of(s, name) == 0
+    }
+
+    fn register(&self, ctx: &mut SessionCtx, name: String, token: Option<String>) -> Outcome {
+        let name = match AgentName::new(name) {
+            Ok(n) => n,
+            Err(e) => return Err(WireError::from(e)).into(),
+        };
+        if name.as_str() == SYSTEM {
+            return Err(WireError::new(
+                ErrorKind::NameTaken,
+                "the name \"system\" is reserved for notices from the mesh; choose another",
+            ))
+            .into();
+        }
+        if let Some(current) = &ctx.agent {
+            if *current != name {
+                return Err(WireError::invalid(format!(
+                    "this connection is already registered as {current}; open a new connection to act as {name}"
+                )))
+                .into();
+            }
+        }
+        if let Some(t) = &token {
+            if !identity::token_shape_ok(t) {
+                return Err(WireError::new(
+                    ErrorKind::BadToken,
+                    format!("that is not a valid token for {name}: tokens are 64 hex digits issued by the broker"),
+                ))
+                .into();
+            }
+        }
+        let now = now_ms();
+        let mut s = self.state();
+        let existing = s.agents.get(&name);
+        let mut batch = Batch::new();
+        let (record, new_token, created) = match existing {
+            Some(a) if a.record.is_forward() && a.record.forward_until_ms > now => {
+                return Err(WireError::new(
+                    ErrorKind::NameTaken,
+                    format!(
+                        "{name} was renamed to {} and forwards to it until {}; choose another name",
+                        a.record.forward_to.as_deref().unwrap_or("?"),
+                        rfc3339(a.record.forward_until_ms)
+                    ),
+                ))
+                .into();
+            }
+            Some(a) if !a.record.is_forward() && !self.claim_lapsed(&s, &name, a, now) => match &token {
+                Some(t) if a.record.token_matches(t) => {
+                    let mut r = a.record.clone();
+                    r.incarnation += 1;
+                    r.last_seen_ms = now;
+                    (r, t.clone(), false)
+                }
+                Some(_) => {
+                    return Err(WireError::new(
+                        ErrorKind::BadToken,
+                        format!("the token does not match {name}; nothing was changed. Use the token {name} was given, or choose another name"),
+                    ))
+                    .into();
+                }
+                None => {
+                    return Err(WireError::new(
+                        ErrorKind::NameTaken,
+                        format!("{name} is held by another agent; register with its token (the CLI keeps it in <home>/agents/{name}.token) or choose another name"),
+                    ))
+                    .into();
+                }
+            },
+            // Free: never claimed, a forward that ran out, or a claim that lapsed.
+            other => {
+                if token.is_some() {
+                    return Err(WireError::new(
+                        ErrorKind::TokenExpired,
+                        format!(
+                            "the token for {name} has expired (unused for longer than {}, or the broker's data was reset); register {name} again without a token to claim it anew",
+                            humantime::format_duration(self.inner.config.limits.retention)
+                        ),
+                    ))
+                    .into();
+                }
+                let incarnation = other.map_or(0, |a| a.record.incarnation) + 1;
+                if other.is_some_and(|a| !a.record.is_forward()) {
+                    // A lapsed claim: the new holder must not read the old holder's messages.
+                    match inbox::all_keys(&*self.inner.engine, &name) {
+                        Ok(keys) => keys.into_iter().for_each(|(k, _)| batch.delete(k)),
+                        Err(e) => return Err(storage_err(e)).into(),
+                    }
+                    s.unread.remove(&name);
+                }
+                let t = identity::new_token();
+                let r = AgentRecord {
+                    name: name.to_string(),
+                    token_hash: identity::hash_token(&t).to_vec(),
+                    incarnation,
+                    registered_at_ms: now,
+                    last_seen_ms: now,
+                    forward_to: None,
+                    forward_until_ms: 0,
+                };
+                (r, t, true)
+            }
+        };
+        batch.put(keys::agent(&name), federation::wire::encode(&record));
+        let epoch = match self.apply(&mut s, batch) {
+            Ok(e) => e,
+            Err(e) => return Err(e).into(),
+        };
+        let online = s.agents.get(&name).map_or(0, |a| a.online)
+            + u32::from(ctx.agent.is_none());
+        s.agents.insert(name.clone(), Agent { record, online });
+        let unread = Self::unread_of(&s, &name);
+        drop(s);
+        if created {
+            tracing::info!(agent = %name, conn = ctx.conn_id, "agent claimed a name");
+        } else if ctx.agent.is_none() {
+            tracing::debug!(agent = %name, conn = ctx.conn_id, "agent registered");
+        }
+        ctx.agent = Some(name.clone());
+        Outcome::AfterCommit {
+            epoch,
+            reply: Reply::Registered {
+                name: name.to_string(),
+                token: new_token,
+                broker_id: self.inner.id.to_string(),
+                created,
+                unread,
+            },
+        }
+    }
+
+    /// Checks size and JSON shape of a message body.
+    fn validate_body(&self, content: &str, data: &Option<String>) -> Result<(), WireError> {
+        let size = content.len() + data.as_ref().map_or(0, |d| d.len());
+        let max = self.inner.config.limits.max_message_bytes;
+        if size > max {
+            return Err(WireError::new(
+                ErrorKind::TooLarge,
+                format!("the message is {size} bytes; the limit is {max} bytes. Send less, or split it"),
+            ));
+        }
+        if let Some(d) = data {
+            validate_json_object(d)?;
+        }
+        Ok(())
+    }
+
+    /// Follows renames from `name` to the agent that receives its messages now.
+    fn resolve(&self, s: &State, name: &AgentName, now: u64) -> Option<AgentName> {
+        let mut cur = name.clone();
+        for _ in 0..8 {
+            match s.agents.get(&cur) {
+                Some(a) if a.record.is_forward() => {
+                    if a.record.forward_until_ms <= now {
+                        return None;
+                    }
+                    cur = AgentName::new(a.record.forward_to.clone()?).ok()?;
+                }
+                Some(_) => return Some(cur),
+                None => return None,
+            }
+        }
+        None
+    }
+
+    fn send(
+        &self,
+        ctx: &SessionCtx,
+        to: String,
+        content: String,
+        data: Option<String>,
+        reply_to: Option<String>,
+        hold: bool,
+    ) -> Outcome {
+        let Some(from) = ctx.agent.clone() else {
+            return Err(not_registered()).into();
+        };
+        if let Err(e) = self.validate_body(&content, &data) {
+            return Err(e).into();
+        }
+        let reply_to = match reply_to.map(|r| r.parse::<Dot>()).transpose() {
+            Ok(r) => r,
+            Err(e) => return Err(WireError::from(e)).into(),
+        };
+        let to_name = match self.parse_recipient(&to) {
+            Ok(n) => n,
+            Err(e) => return Err(e).into(),
+        };
+        let now = now_ms();
+        let mut s = self.state();
+        let (target, route) = match self.resolve(&s, &to_name, now) {
+            Some(t) if t == to_name => (t.clone(), Route::Local { to: t.to_string() }),
+            Some(t) => (
+                t.clone(),
+                Route::Forwarded {
+                    from: to_name.to_string(),
+                    to: t.to_string(),
+                },
+            ),
+            None if hold || s.unread.contains_key(&to_name) => {
+                (to_name.clone(), Route::Held { to: to_name.to_string() })
+            }
+            None => {
+                let names: Vec<&str> = s
+                    .agents
+                    .iter()
+                    .filter(|(_, a)| !a.record.is_forward())
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                let close = closest_names(to_name.as_str(), &names);
+                let hint = if close.is_empty() {
+                    String::new()
+                } else {
+                    format!(" Did you mean {}?", close.join(", "))
+                };
+                return Err(WireError::new(
+                    ErrorKind::UnknownRecipient,
+                    format!("no agent named {to_name} has ever registered.{hint} To keep the message for an agent that has not registered yet, send it with hold"),
+                ))
+                .into();
+            }
+        };
+        let inbox_max = self.inner.config.limits.inbox_max as u64;
+        if Self::unread_of(&s, &target) >= inbox_max {
+            return Err(WireError::new(
+                ErrorKind::InboxFull,
+                format!("{target}'s inbox is full ({inbox_max} unread messages); the message was not sent. Wait until {target} reads its messages, then resend"),
+            ))
+            .into();
+        }
+        let seq = match self.next_seq(&mut s) {
+            Ok(q) => q,
+            Err(e) => return Err(e).into(),
+        };
+        let dot = Dot::new(self.inner.id, seq);
+        let message = Message {
+            dot,
+            from: from.clone(),
+            to: target.clone(),
+            sent_at_ms: now,
+            content,
+            data,
+            reply_to,
+            kind: MessageKind::Direct,
+        };
+        let mut batch = Batch::new();
+        inbox::put_unread(&mut batch, &target, seq, inbox::encode_message(&message));
+        let epoch = match self.apply(&mut s, batch) {
+            Ok(e) => e,
+            Err(e) => return Err(e).into(),
+        };
+        *s.unread.entry(target.clone()).or_default() += 1;
+        s.last_arrival = seq;
+        s.to_wake.push(target);
+        let unread = Self::unread_of(&s, &from);
+        drop(s);
+        self.count_stored(1);
+        Outcome::AfterCommit {
+            epoch,
+            reply: Reply::Sent {
+                id: dot.to_string(),
+                route,
+                unread,
+            },
+        }
+    }
+
+    /// `name` or `name@broker-id`; only this broker's id is accepted for now.
+    fn parse_recipient(&self, to: &str) -> Result<AgentName, WireError> {
+        let (name, broker) = match to.split_once('@') {
+            Some((n, b)) => (n, Some(b)),
+            None => (to, None),
+        };
+        let name = AgentName::new(name)?;
+        if name.as_str() == SYSTEM {
+            return Err(WireError::invalid("\"system\" sends notices; it cannot receive messages"));
+        }
+        if let Some(b) = broker {
+            let id: BrokerId = b.parse()?;
+            if id != self.inner.id {
+                return Err(WireError::new(
+                    ErrorKind::UnknownRecipient,
+                    format!("broker {id} is not known here; address the agent by name alone"),
+                ));
+            }
+        }
+        Ok(name)
+    }
+
+    fn count_stored(&self, n: u64) {
+        let c = &self.inner.counters;
+        c.messages_accepted.fetch_add(1, Ordering::Relaxed);
+        c.messages_stored.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn broadcast(&self, ctx: &SessionCtx, content: String, data: Option<String>) -> Outcome {
+        let Some(from) = ctx.agent.clone() else {
+            return Err(not_registered()).into();
+        };
+        if let Err(e) = self.validate_body(&content, &data) {
+            return Err(e).into();
+        }
+        let now = now_ms();
+        let mut s = self.state();
+        let seq = match self.next_seq(&mut s) {
+            Ok(q) => q,
+            Err(e) => return Err(e).into(),
+        };
+        let dot = Dot::new(self.inner.id, seq);
+        let (epoch, reached, skipped) =
+            match self.deliver_to_all(&mut s, &from, dot, now, content, data, MessageKind::Broadcast) {
+                Ok(r) => r,
+                Err(e) => return Err(e).into(),
+            };
+        let unread = Self::unread_of(&s, &from);
+        drop(s);
+        self.count_stored(reached as u64);
+        Outcome::AfterCommit {
+            epoch,
+            reply: Reply::Broadcast {
+                id: dot.to_string(),
+                reached,
+                skipped,
+                unread,
+            },
+        }
+    }
+
+    /// Puts one message (one dot) into the inbox of every registered agent but `from`.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_to_all(
+        &self,
+        s: &mut State,
+        from: &AgentName,
+        dot: Dot,
+        now: u64,
+        content: String,
+        data: Option<String>,
+        kind: MessageKind,
+    ) -> Result<(u64, u32, Vec<Skipped>), WireError> {
+        let inbox_max = self.inner.config.limits.inbox_max as u64;
+        let recipients: Vec<AgentName> = s
+            .agents
+            .iter()
+            .filter(|(n, a)| *n != from && !a.record.is_forward())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut batch = Batch::new();
+        let mut reached = Vec::new();
+        let mut skipped = Vec::new();
+        let mut message = Message {
+            dot,
+            from: from.clone(),
+            to: from.clone(),
+            sent_at_ms: now,
+            content,
+            data,
+            reply_to: None,
+            kind,
+        };
+        for to in recipients {
+            if Self::unread_of(s, &to) >= inbox_max {
+                skipped.push(Skipped {
+                    name: to.to_string(),
+                    reason: format!("inbox full ({inbox_max} unread)"),
+                });
+                continue;
+            }
+            message.to = to.clone();
+            inbox::put_unread(&mut batch, &to, dot.seq, inbox::encode_message(&message));
+            reached.push(to);
+        }
+        let epoch = self.apply(s, batch)?;
+        for to in &reached {
+            *s.unread.entry(to.clone()).or_default() += 1;
+        }
+        s.last_arrival = dot.seq;
+        s.to_wake.extend(reached.iter().cloned());
+        Ok((epoch, reached.len() as u32, skipped))
+    }
+
+    /// Unread (and, with `include_read`, read) messages of `agent`.
+    pub fn fetch(&self, agent: &AgentName, include_read: bool, limit: u32, mark_read: bool) -> Outcome {
+        let limit = limit.clamp(1, FETCH_MAX) as usize;
+        let visible = self.inner.commit.durable().arrival;
+        let engine = &*self.inner.engine;
+        let mut entries = match inbox::unread(engine, agent, visible, limit, FETCH_BYTES) {
+            Ok(e) => e,
+            Err(e) => return Err(storage_err(e)).into(),
+        };
+        let mut epoch = None;
+        let mut s = self.state();
+        if mark_read && !entries.is_empty() {
+            let now = now_ms();
+            let mut batch = Batch::new();
+            for e in &entries {
+                inbox::mark_read(&mut batch, agent, e, now);
+            }
+            match self.apply(&mut s, batch) {
+                Ok(ep) => epoch = Some(ep),
+                Err(e) => return Err(e).into(),
+            }
+            let n = entries.len() as u64;
+            if let Some(u) = s.unread.get_mut(agent) {
+                *u = u.saturating_sub(n);
+            }
+        }
+        let unread = Self::unread_of(&s, agent);
+        drop(s);
+        if include_read {
+            match inbox::read(engine, agent, limit, FETCH_BYTES) {
+                Ok(read) => {
+                    entries.extend(read);
+                    entries.sort_by_key(|e| e.arrival);
+                    entries.truncate(limit);
+                }
+                Err(e) => return Err(storage_err(e)).into(),
+            }
+        }
+        let read_now = mark_read;
+        let messages = entries
+            .iter()
+            .map(|e| message_view(e, read_now || e.read_at_ms.is_some()))
+            .collect();
+        let reply = Reply::Messages { messages, unread };
+        match epoch {
+            Some(epoch) => Outcome::AfterCommit { epoch, reply },
+            None => Outcome::Now(Ok(reply)),
+        }
+    }
+
+    /// Whether `agent` has a durable unread message.
+    pub fn has_visible_unread(&self, agent: &AgentName) -> bool {
+        let visible = self.inner.commit.durable().arrival;
+        matches!(inbox::unread(&*self.inner.engine, agent, visible, 1, 0), Ok(v) if !v.is_empty())
+    }
+
+    fn ack(&self, ctx: &SessionCtx, ids: Vec<String>) -> Outcome {
+        let Some(agent) = ctx.agent.clone() else {
+            return Err(not_registered()).into();
+        };
+        let mut wanted = std::collections::HashSet::new();
+        for id in ids {
+            match id.parse::<Dot>() {
+                Ok(d) => {
+                    wanted.insert(d);
+                }
+                Err(e) => return Err(WireError::from(e)).into(),
+            }
+        }
+        let visible = self.inner.commit.durable().arrival;
+        let max = self.inner.config.limits.inbox_max;
+        let mut s = self.state();
+        let entries = match inbox::unread(&*self.inner.engine, &agent, visible, max, usize::MAX) {
+            Ok(e) => e,
+            Err(e) => return Err(storage_err(e)).into(),
+        };
+        let now = now_ms();
+        let mut batch = Batch::new();
+        let mut marked = 0u32;
+        for e in entries.iter().filter(|e| wanted.contains(&e.message.dot)) {
+            inbox::mark_read(&mut batch, &agent, e, now);
+            marked += 1;
+        }
+        let epoch = match self.apply(&mut s, batch) {
+            Ok(e) => e,
+            Err(e) => return Err(e).into(),
+        };
+        if let Some(u) = s.unread.get_mut(&agent) {
+            *u = u.saturating_sub(marked as u64);
+        }
+        let unread = Self::unread_of(&s, &agent);
+        Outcome::AfterCommit {
+            epoch,
+            reply: Reply::Acked { marked, unread },
+        }
+    }
+
+    fn rename(&self, ctx: &mut SessionCtx, new_name: String) -> Outcome {
+        let Some(old) = ctx.agent.clone() else {
+            return Err(not_registered()).into();
+        };
+        let new = match AgentName::new(new_name) {
+            Ok(n) => n,
+            Err(e) => return Err(WireError::from(e)).into(),
+        };
+        if new == old {
+            return Err(WireError::invalid(format!("you are already called {old}"))).into();
+        }
+        if new.as_str() == SYSTEM {
+            return Err(WireError::new(ErrorKind::NameTaken, "the name \"system\" is reserved")).into();
+        }
+        let now = now_ms();
+        let mut s = self.state();
+        if let Some(a) = s.agents.get(&new) {
+            let free = if a.record.is_forward() {
+                a.record.forward_until_ms <= now
+            } else {
+                self.claim_lapsed(&s, &new, a, now)
+            };
+            if !free {
+                return Err(WireError::new(
+                    ErrorKind::NameTaken,
+                    format!("{new} is taken; choose another name"),
+                ))
+                .into();
+            }
+        }
+        if s.unread.get(&new).is_some_and(|n| *n > 0) && !s.agents.contains_key(&new) {
+            return Err(WireError::new(
+                ErrorKind::NameTaken,
+                format!("messages are being held for an agent called {new}; choose another name"),
+            ))
+            .into();
+        }
+        let Some(old_agent) = s.agents.get(&old) else {
+            return Err(not_registered()).into();
+        };
+        let mut new_record = old_agent.record.clone();
+        new_record.name = new.to_string();
+        new_record.incarnation += 1;
+        new_record.last_seen_ms = now;
+        let forward = AgentRecord {
+            name: old.to_string(),
+            token_hash: Vec::new(),
+            incarnation: old_agent.record.incarnation + 1,
+            registered_at_ms: old_agent.record.registered_at_ms,
+            last_seen_ms: now,
+            forward_to: Some(new.to_string()),
+            forward_until_ms: now + self.inner.config.limits.rename_forward.as_millis() as u64,
+        };
+        let online = old_agent.online;
+
+        let mut batch = Batch::new();
+        // Move the inbox, both spaces, to the new name.
+        let moved = match inbox::all_keys(&*self.inner.engine, &old) {
+            Ok(k) => k,
+            Err(e) => return Err(storage_err(e)).into(),
+        };
+        for (k, v) in moved {
+            let Some((_, arrival)) = keys::parse_inbox(&k) else { continue };
+            let mut v = v;
+            let space = k[0];
+            // Rewrite the stored recipient so the message reads as addressed to the new name.
+            if let Ok(mut e) = inbox::decode_entry(space, arrival, &v) {
+                e.message.to = new.clone();
+                let enc = inbox::encode_message(&e.message);
+                v = match e.read_at_ms {
+                    Some(t) => [t.to_be_bytes().to_vec(), enc].concat(),
+                    None => enc,
+                };
+            }
+            batch.delete(k);
+            batch.put(keys::inbox(space, &new, arrival), v);
+        }
+        batch.put(keys::agent(&new), federation::wire::encode(&new_record));
+        batch.put(keys::agent(&old), federation::wire::encode(&forward));
+        if let Err(e) = self.apply(&mut s, batch) {
+            return Err(e).into();
+        }
+        if let Some(n) = s.unread.remove(&old) {
+            s.unread.insert(new.clone(), n);
+        }
+        s.agents.insert(
+            new.clone(),
+            Agent {
+                record: new_record,
+                online,
+            },
+        );
+        s.agents.insert(
+            old.clone(),
+            Agent {
+                record: forward,
+                online: 0,
+            },
+        );
+        // Tell everyone else.
+        let notice_epoch = self.next_seq(&mut s).and_then(|seq| {
+            let system = AgentName::new(SYSTEM).expect("valid");
+            let dot = Dot::new(self.inner.id, seq);
+            let content = format!("📝 {old} renamed to {new}");
+            self.deliver_notice(&mut s, &system, &new, dot, now, content)
+        });
+        let epoch = match notice_epoch {
+            Ok(e) => e,
+            Err(e) => return Err(e).into(),
+        };
+        let unread = Self::unread_of(&s, &new);
+        drop(s);
+        ctx.agent = Some(new.clone());
+        tracing::info!(old = %old, new = %new, "agent renamed");
+        Outcome::AfterCommit {
+            epoch,
+            reply: Reply::Renamed {
+                old: old.to_string(),
+                new: new.to_string(),
+                unread,
+            },
+        }
+    }
+
+    /// A notice from `system` to every registered agent except `except`.
+    fn deliver_notice(
+        &self,
+        s: &mut State,
+        system: &AgentName,
+        except: &AgentName,
+        dot: Dot,
+        now: u64,
+        content: String,
+    ) -> Result<u64, WireError> {
+        let inbox_max = self.inner.config.limits.inbox_max as u64;
+        let recipients: Vec<AgentName> = s
+            .agents
+            .iter()
+            .filter(|(n, a)| *n != except && !a.record.is_forward())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut batch = Batch::new();
+        let mut reached = Vec::new();
+        for to in recipients {
+            // Notices are not worth refusing a rename over; a full inbox just misses one,
+            // and the rename itself is visible in `list`.
+            if Self::unread_of(s, &to) >= inbox_max {
+                tracing::warn!(agent = %to, "inbox full; rename notice not delivered");
+                continue;
+            }
+            let m = Message {
+                dot,
+                from: system.clone(),
+                to: to.clone(),
+                sent_at_ms: now,
+                content: content.clone(),
+                data: None,
+                reply_to: None,
+                kind: MessageKind::Notice,
+            };
+            inbox::put_unread(&mut batch, &to, dot.seq, inbox::encode_message(&m));
+            reached.push(to);
+        }
+        let epoch = self.apply(s, batch)?;
+        for to in &reached {
+            *s.unread.entry(to.clone()).or_default() += 1;
+        }
+        s.last_arrival = dot.seq;
+        s.to_wake.extend(reached);
+        Ok(epoch)
+    }
+
+    fn agent_views(&self) -> Vec<AgentView> {
+        let s = self.state();
+        s.agents
+            .iter()
+            .filter(|(_, a)| !a.record.is_forward())
+            .map(|(n, a)| AgentView {
+                name: n.to_string(),
+                broker: self.inner.id.to_string(),
+                online: a.online > 0,
+                last_seen: rfc3339(a.record.last_seen_ms),
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> StatusView {
+        let c = &self.inner.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let listen = self.inner.listen.to_string();
+        let online_connections = {
+            let s = self.state();
+            s.agents.values().map(|a| a.online as u64).sum::<u64>()
+        };
+        StatusView {
+            broker: BrokerView {
+                id: self.inner.id.to_string(),
+                advertise: self
+                    .inner
+                    .config
+                    .broker
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| listen.clone()),
+                listen,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                uptime_secs: self.inner.started.elapsed().as_secs(),
+                data_dir: self.inner.data_dir.display().to_string(),
+                connections: online_connections,
+            },
+            peers: Vec::new(),
+            agents: self.agent_views(),
+            clock: vec![ClockEntry {
+                origin: self.inner.id.to_string(),
+                delivered: self.inner.commit.durable().arrival,
+            }],
+            counters: Counters {
+                messages_accepted: load(&c.messages_accepted),
+                messages_stored: load(&c.messages_stored),
+                messages_expired: load(&c.messages_expired),
+                requests: load(&c.requests),
+                errors: load(&c.errors),
+                rate_limited: load(&c.rate_limited),
+                flushes: load(&c.flushes),
+            },
+        }
+    }
+}
+
+fn message_view(e: &Entry, read: bool) -> MessageView {
+    let m = &e.message;
+    MessageView {
+        id: m.dot.to_string(),
+        from: m.from.to_string(),
+        to: m.to.to_string(),
+        sent_at: rfc3339(m.sent_at_ms),
+        content: m.content.clone(),
+        data: m.data.clone(),
+        reply_to: m.reply_to.map(|d| d.to_string()),
+        kind: match m.kind {
+            MessageKind::Direct => "direct",
+            MessageKind::Broadcast => "broadcast",
+            MessageKind::Notice => "notice",
+        }
+        .to_string(),
+        read,
+    }
+}
+
+/// `data` must be a JSON object no deeper than [`MAX_JSON_DEPTH`].
+pub fn validate_json_object(text: &str) -> Result<(), WireError> {
+    // Check depth on the raw text first, so a hostile nesting never reaches the parser.
+    let mut depth = 0usize;
+    let mut in_str = false;
+    let mut escaped = false;
+    for b in text.bytes() {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(WireError::invalid(format!(
+                        "data is nested deeper than {MAX_JSON_DEPTH} levels; flatten it"
+                    )));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => Err(WireError::invalid("data must be a JSON object, like {\"key\": \"value\"}")),
+        Err(e) => Err(WireError::invalid(format!("data is not valid JSON: {e}"))),
+    }
+}
+
+/// Known names close to `wanted`: same letters in another case, a shared prefix, or a small
+/// edit distance. At most three, closest first.
+pub fn closest_names(wanted: &str, known: &[&str]) -> Vec<String> {
+    let w = wanted.to_ascii_lowercase();
+    let mut scored: Vec<(usize, &str)> = known
+        .iter()
+        .filter_map(|k| {
+            let kl = k.to_ascii_lowercase();
+            let d = edit_distance(&w, &kl);
+            let limit = (w.len().max(kl.len()) / 3).max(2);
+            if d <= limit || (w.len() >= 3 && (kl.starts_with(&w) || w.starts_with(&kl))) {
+                Some((d, *k))
+            } else {
+                None
+            }
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, k)| k.to_string()).collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_data_must_be_a_shallow_object() {
+        assert!(validate_json_object(r#"{"a": [1, {"b": "}}}}"}]}"#).is_ok());
+        assert!(validate_json_object("[1]").is_err());
+        assert!(validate_json_object("{").is_err());
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(40), "]".repeat(40));
+        assert!(validate_json_object(&deep).unwrap_err().message.contains("deeper"));
+        let deep_in_string = format!("{{\"a\":\"{}\"}}", "[".repeat(100));
+        assert!(validate_json_object(&deep_in_string).is_ok());
+    }
+
+    #[test]
+    fn closest_names_catch_typos() {
+        let known = ["alice", "bob", "claude-main", "gemini"];
+        assert_eq!(closest_names("alcie", &known), vec!["alice"]);
+        assert_eq!(closest_names("Claude", &known), vec!["claude-main"]);
+        assert!(closest_names("zzzzzzzz", &known).is_empty());
+    }
+}

@@ -1,0 +1,180 @@
+//! The retention sweep: what the broker forgets, and whom it tells.
+//!
+//! Every sweep (a twentieth of the retention, between 1 s and 10 min apart):
+//!
+//! 1. Read messages older than the retention (since they were read) are deleted.
+//! 2. Unread messages older than the retention (since they were sent) expire: they are
+//!    deleted and their sender, if it is an agent of this broker, gets a notice naming them.
+//! 3. Forwarding records whose window has passed are deleted, freeing the old name.
+//! 4. Agents unseen for longer than the retention, offline and with nothing unread, are
+//!    forgotten: their claim lapses and their token stops working.
+
+use std::time::Duration;
+
+use federation::message::MessageKind;
+use federation::{AgentName, Dot, Message};
+use tokio_util::sync::CancellationToken;
+
+use super::{now_ms, Broker};
+use crate::identity::SYSTEM;
+use crate::inbox;
+use crate::storage::{keys, Batch};
+
+pub(super) async fn run(broker: Broker, cancel: CancellationToken) {
+    let every = (broker.config().limits.retention / 20)
+        .clamp(Duration::from_secs(1), Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = cancel.cancelled() => return,
+        }
+        let b = broker.clone();
+        match tokio::task::spawn_blocking(move || b.sweep(now_ms())).await {
+            Ok(Ok(n)) if n.expired > 0 || n.deleted > 0 || n.forgotten > 0 => {
+                tracing::info!(
+                    expired = n.expired,
+                    deleted = n.deleted,
+                    forgotten = n.forgotten,
+                    "retention sweep"
+                );
+                broker.commit().request();
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "retention sweep failed"),
+            Err(e) => tracing::warn!(error = %e, "retention sweep panicked"),
+        }
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Unread messages expired (their senders told).
+    pub expired: u64,
+    /// Read messages deleted.
+    pub deleted: u64,
+    /// Names forgotten (lapsed claims and ended forwards).
+    pub forgotten: u64,
+}
+
+impl Broker {
+    /// One retention sweep at time `now` (ms). Blocking: call it off the runtime.
+    pub fn sweep(&self, now: u64) -> crate::error::Result<Swept> {
+        let retention = self.config().limits.retention.as_millis() as u64;
+        let cutoff = now.saturating_sub(retention);
+        let mut swept = Swept::default();
+        let names: Vec<AgentName> = {
+            let s = self.state();
+            s.agents.keys().chain(s.unread.keys()).cloned().collect()
+        };
+        let engine = &*self.inner.engine;
+        for name in names {
+            let mut s = self.state();
+            let mut batch = Batch::new();
+            let mut expired: Vec<Message> = Vec::new();
+            for (k, v) in inbox::all_keys(engine, &name)? {
+                let Some((_, arrival)) = keys::parse_inbox(&k) else { continue };
+                let e = inbox::decode_entry(k[0], arrival, &v)?;
+                match e.read_at_ms {
+                    Some(read_at) if read_at <= cutoff => {
+                        batch.delete(k);
+                        swept.deleted += 1;
+                    }
+                    None if e.message.sent_at_ms <= cutoff => {
+                        batch.delete(k);
+                        expired.push(e.message);
+                    }
+                    _ => {}
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let n_expired = expired.len() as u64;
+            // Tell each sender, one notice per expired message.
+            for m in expired {
+                if m.from.as_str() == SYSTEM || !s.agents.contains_key(&m.from) {
+                    continue;
+                }
+                let Ok(seq) = self.next_seq(&mut s) else { break };
+                let notice = Message {
+                    dot: Dot::new(self.id(), seq),
+                    from: AgentName::new(SYSTEM).expect("valid"),
+                    to: m.from.clone(),
+                    sent_at_ms: now,
+                    content: format!(
+                        "⌛ your message {} to {} expired unread after {}: {}",
+                        m.dot,
+                        m.to,
+                        humantime::format_duration(self.config().limits.retention),
+                        preview(&m.content)
+                    ),
+                    data: Some(
+                        serde_json::json!({"expired": m.dot.to_string(), "to": m.to.to_string()})
+                            .to_string(),
+                    ),
+                    reply_to: Some(m.dot),
+                    kind: MessageKind::Notice,
+                };
+                inbox::put_unread(&mut batch, &m.from, seq, inbox::encode_message(&notice));
+                *s.unread.entry(m.from.clone()).or_default() += 1;
+                s.last_arrival = seq;
+                s.to_wake.push(m.from);
+            }
+            self.apply(&mut s, batch)
+                .map_err(|e| crate::error::Error::Storage(e.message))?;
+            if let Some(u) = s.unread.get_mut(&name) {
+                *u = u.saturating_sub(n_expired);
+                if *u == 0 {
+                    s.unread.remove(&name);
+                }
+            }
+            swept.expired += n_expired;
+        }
+
+        // Forget ended forwards and lapsed claims.
+        let mut s = self.state();
+        let forget: Vec<AgentName> = s
+            .agents
+            .iter()
+            .filter(|(n, a)| {
+                if a.record.is_forward() {
+                    a.record.forward_until_ms <= now
+                } else {
+                    self.claim_lapsed(&s, n, a, now)
+                }
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !forget.is_empty() {
+            let mut batch = Batch::new();
+            for n in &forget {
+                batch.delete(keys::agent(n));
+                for (k, _) in inbox::all_keys(engine, n)? {
+                    batch.delete(k);
+                }
+            }
+            self.apply(&mut s, batch)
+                .map_err(|e| crate::error::Error::Storage(e.message))?;
+            for n in &forget {
+                s.agents.remove(n);
+                s.waiters.remove(n);
+            }
+            swept.forgotten = forget.len() as u64;
+        }
+        drop(s);
+        self.inner
+            .counters
+            .messages_expired
+            .fetch_add(swept.expired, std::sync::atomic::Ordering::Relaxed);
+        Ok(swept)
+    }
+}
+
+fn preview(s: &str) -> String {
+    let mut p: String = s.chars().take(60).collect();
+    if p.len() < s.len() {
+        p.push('…');
+    }
+    p
+}

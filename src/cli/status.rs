@@ -1,0 +1,103 @@
+//! `ipc-mesh status`: the broker, its peers, the agents and the delivery clock.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{table, Ctx};
+use crate::protocol::StatusView;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every second until interrupted
+    #[arg(long)]
+    pub watch: bool,
+}
+
+pub async fn run(ctx: Ctx, a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let mut client = ctx.connect().await?;
+    loop {
+        let status = client.status().await?;
+        if a.json {
+            println!("{}", serde_json::to_string(&status)?);
+        } else {
+            if a.watch {
+                // Clear the screen and home the cursor.
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", human(&status));
+        }
+        if !a.watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+fn human(s: &StatusView) -> String {
+    let b = &s.broker;
+    let mut out = format!(
+        "broker {}  listen {}  advertise {}  up {}\n  data {}  version {}  agents online {}\n",
+        b.id,
+        b.listen,
+        b.advertise,
+        humantime::format_duration(Duration::from_secs(b.uptime_secs)),
+        b.data_dir,
+        b.version,
+        b.connections
+    );
+    out.push_str("\npeers\n");
+    if s.peers.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.id.clone(),
+                    p.addr.clone(),
+                    p.state.clone(),
+                    p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms")),
+                    p.outbox.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table::render(&["ID", "ADDR", "STATE", "RTT", "OUTBOX"], &rows));
+    }
+    out.push_str("\nagents\n");
+    if s.agents.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .agents
+            .iter()
+            .map(|a| {
+                vec![
+                    a.name.clone(),
+                    a.broker.clone(),
+                    if a.online { "online" } else { "offline" }.into(),
+                    a.last_seen.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table::render(&["NAME", "BROKER", "STATE", "LAST SEEN"], &rows));
+    }
+    out.push_str("\ndelivery clock\n");
+    for c in &s.clock {
+        out.push_str(&format!("  {}  {}\n", c.origin, c.delivered));
+    }
+    let c = &s.counters;
+    out.push_str(&format!(
+        "\ncounters\n  accepted {}  stored {}  expired {}  requests {}  errors {}  rate-limited {}  flushes {}\n",
+        c.messages_accepted, c.messages_stored, c.messages_expired, c.requests, c.errors, c.rate_limited, c.flushes
+    ));
+    out
+}

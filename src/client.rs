@@ -1,0 +1,439 @@
+//! The client library: what the CLI, the MCP server and the bench use to talk to a broker.
+//!
+//! [`Connection`] is one TCP connection: hello, welcome, then pipelined requests. Any number
+//! of tasks may call it at once; each call gets its own request id, and a reader task hands
+//! every response to the call waiting for that id.
+//!
+//! [`Client`] acts for one agent on top of that: it registers with the stored token (or
+//! claims the name and stores the new token), and when the connection drops it reconnects
+//! with backoff, registers again, and retries the request if retrying cannot duplicate it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use federation::wire::{self, Hello, Role};
+use federation::AgentName;
+
+use crate::connection::{self, CLIENT_MAX_FRAME};
+use crate::error::{Error, ErrorKind, Result, WireError};
+use crate::home::Home;
+use crate::protocol::{Body, MessageView, Reply, Request, Response, StatusView, Welcome};
+
+/// How long to wait for a broker to accept a connection and answer the hello.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Requests queued for the writer of one connection; full, callers wait.
+const REQUEST_QUEUE: usize = 1024;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, WireError>>>>>;
+
+/// One pipelined connection to a broker. Cheap to clone.
+#[derive(Clone)]
+pub struct Connection {
+    tx: mpsc::Sender<Request>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    closed: CancellationToken,
+    welcome: Arc<Welcome>,
+    addr: String,
+}
+
+impl Connection {
+    /// Connects, says hello, and reads the welcome.
+    pub async fn connect(addr: &str) -> Result<Connection> {
+        let unreachable = |reason: String| Error::Unreachable {
+            addr: addr.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let mut framed = connection::framed(stream, CLIENT_MAX_FRAME);
+        framed
+            .send(Bytes::copy_from_slice(&Hello::new(Role::Client).encode()))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, framed.next())
+            .await
+            .map_err(|_| unreachable("no welcome from the broker".into()))?
+            .ok_or_else(|| unreachable("closed before the welcome".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let welcome: Welcome = match wire::decode(&first) {
+            Ok(w) => w,
+            Err(_) => {
+                // Not a welcome: the broker refused us with an error frame.
+                let resp: Response = wire::decode(&first).map_err(|e| {
+                    unreachable(format!("not an ipc-mesh broker (bad welcome: {e})"))
+                })?;
+                return Err(match resp.result {
+                    Err(e) => Error::Remote(e),
+                    Ok(_) => unreachable("unexpected first frame".into()),
+                });
+            }
+        };
+
+        let (mut sink, mut frames) = framed.split();
+        let (tx, mut rx) = mpsc::channel::<Request>(REQUEST_QUEUE);
+        let pending: Pending = Arc::default();
+        let closed = CancellationToken::new();
+
+        let writer_closed = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let req = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = writer_closed.cancelled() => None,
+                };
+                let Some(req) = req else { break };
+                let mut ok = sink.feed(Bytes::from(wire::encode(&req))).await.is_ok();
+                while ok {
+                    match rx.try_recv() {
+                        Ok(req) => ok = sink.feed(Bytes::from(wire::encode(&req))).await.is_ok(),
+                        Err(_) => break,
+                    }
+                }
+                if !ok || sink.flush().await.is_err() {
+                    break;
+                }
+            }
+            writer_closed.cancel();
+        });
+
+        let reader_pending = pending.clone();
+        let reader_closed = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    f = frames.next() => f,
+                    _ = reader_closed.cancelled() => None,
+                };
+                let Some(Ok(frame)) = frame else { break };
+                let Ok(resp) = wire::decode::<Response>(&frame) else {
+                    tracing::warn!("undecodable response from broker; closing");
+                    break;
+                };
+                if resp.id == 0 {
+                    // An error about the connection itself: it is about to close.
+                    if let Err(e) = &resp.result {
+                        tracing::warn!(error = %e, "broker closed the connection");
+                    }
+                    continue;
+                }
+                let waiter = reader_pending.lock().unwrap().remove(&resp.id);
+                if let Some(w) = waiter {
+                    let _ = w.send(resp.result);
+                }
+            }
+            reader_closed.cancel();
+            // Dropping the senders tells every waiting call the connection is gone.
+            reader_pending.lock().unwrap().clear();
+        });
+
+        Ok(Connection {
+            tx,
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+            closed,
+            welcome: Arc::new(welcome),
+            addr: addr.to_string(),
+        })
+    }
+
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Sends one request and waits for its response.
+    pub async fn call(&self, body: Body) -> Result<Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (otx, orx) = oneshot::channel();
+        if self.closed.is_cancelled() {
+            return Err(Error::Disconnected);
+        }
+        self.pending.lock().unwrap().insert(id, otx);
+        if self.tx.send(Request { id, body }).await.is_err() {
+            self.pending.lock().unwrap().remove(&id);
+            return Err(Error::Disconnected);
+        }
+        match orx.await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(Error::Remote(e)),
+            Err(_) => Err(Error::Disconnected),
+        }
+    }
+
+    /// Closes the connection; calls in flight fail with [`Error::Disconnected`].
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+/// Whether resending `body` after a lost connection is safe: it cannot deliver or mark
+/// anything twice.
+fn retry_safe(body: &Body) -> bool {
+    match body {
+        Body::Ping | Body::Register { .. } | Body::List | Body::Status | Body::Ack { .. } => true,
+        Body::Fetch { mark_read, .. } | Body::Wait { mark_read, .. } => !mark_read,
+        Body::Send { .. } | Body::Broadcast { .. } | Body::Rename { .. } => false,
+    }
+}
+
+/// How a [`Client`] reconnects.
+#[derive(Clone, Debug)]
+pub struct Reconnect {
+    /// Give up after this long without a connection.
+    pub give_up_after: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            give_up_after: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// An agent's session with a broker.
+pub struct Client {
+    addr: String,
+    conn: Connection,
+    agent: Option<(AgentName, String)>,
+    home: Option<Home>,
+    reconnect: Reconnect,
+}
+
+impl Client {
+    /// Connects to `addr` with no agent yet.
+    pub async fn connect(addr: &str) -> Result<Client> {
+        Ok(Client {
+            addr: addr.to_string(),
+            conn: Connection::connect(addr).await?,
+            agent: None,
+            home: None,
+            reconnect: Reconnect::default(),
+        })
+    }
+
+    pub fn with_reconnect(mut self, r: Reconnect) -> Self {
+        self.reconnect = r;
+        self
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn agent(&self) -> Option<&AgentName> {
+        self.agent.as_ref().map(|(n, _)| n)
+    }
+
+    /// Registers as `name`: with the token stored in `home` if there is one, else claiming the
+    /// name and storing the token the broker issues.
+    pub async fn register_as(&mut self, name: &AgentName, home: &Home) -> Result<Reply> {
+        let token = home.load_token(name)?;
+        let reply = self
+            .conn
+            .call(Body::Register {
+                name: name.to_string(),
+                token: token.clone(),
+            })
+            .await?;
+        if let Reply::Registered { token: issued, .. } = &reply {
+            if token.as_deref() != Some(issued.as_str()) {
+                home.store_token(name, issued)?;
+            }
+            self.agent = Some((name.clone(), issued.clone()));
+        }
+        self.home = Some(home.clone());
+        Ok(reply)
+    }
+
+    /// Registers with an explicit token (or none), without touching any token file.
+    pub async fn register(&mut self, name: &AgentName, token: Option<String>) -> Result<Reply> {
+        let reply = self
+            .conn
+            .call(Body::Register {
+                name: name.to_string(),
+                token,
+            })
+            .await?;
+        if let Reply::Registered { token, .. } = &reply {
+            self.agent = Some((name.clone(), token.clone()));
+        }
+        Ok(reply)
+    }
+
+    /// One request, reconnecting (and re-registering) first if the connection is gone, and
+    /// retrying once more if the request is safe to repeat.
+    pub async fn call(&mut self, body: Body) -> Result<Reply> {
+        if self.conn.is_closed() {
+            self.reestablish().await?;
+        }
+        match self.conn.call(body.clone()).await {
+            Err(Error::Disconnected) if retry_safe(&body) => {
+                self.reestablish().await?;
+                self.conn.call(body).await
+            }
+            other => other,
+        }
+    }
+
+    /// Reconnects with jittered exponential backoff, then registers again as the same agent.
+    async fn reestablish(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.reconnect.give_up_after;
+        let mut backoff = self.reconnect.initial_backoff;
+        loop {
+            match Connection::connect(&self.addr).await {
+                Ok(conn) => {
+                    self.conn = conn;
+                    if let Some((name, token)) = self.agent.clone() {
+                        self.conn
+                            .call(Body::Register {
+                                name: name.to_string(),
+                                token: Some(token),
+                            })
+                            .await?;
+                    }
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() + backoff > deadline => return Err(e),
+                Err(_) => {
+                    let jitter = rand::random_range(0.5..1.5);
+                    tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                    backoff = (backoff * 2).min(self.reconnect.max_backoff);
+                }
+            }
+        }
+    }
+
+    pub async fn send(
+        &mut self,
+        to: &str,
+        content: &str,
+        data: Option<String>,
+        reply_to: Option<String>,
+        hold: bool,
+    ) -> Result<Reply> {
+        self.call(Body::Send {
+            to: to.to_string(),
+            content: content.to_string(),
+            data,
+            reply_to,
+            hold,
+        })
+        .await
+    }
+
+    pub async fn broadcast(&mut self, content: &str, data: Option<String>) -> Result<Reply> {
+        self.call(Body::Broadcast {
+            content: content.to_string(),
+            data,
+        })
+        .await
+    }
+
+    /// Unread messages, without marking them read.
+    pub async fn fetch(&mut self, include_read: bool, limit: u32) -> Result<(Vec<MessageView>, u64)> {
+        messages(
+            self.call(Body::Fetch {
+                include_read,
+                limit,
+                mark_read: false,
+            })
+            .await?,
+        )
+    }
+
+    /// Waits up to `timeout` for an unread message; returns the unread ones (not marked read).
+    pub async fn wait(&mut self, timeout: Duration, limit: u32) -> Result<(Vec<MessageView>, u64)> {
+        messages(
+            self.call(Body::Wait {
+                timeout_ms: timeout.as_millis() as u64,
+                limit,
+                mark_read: false,
+            })
+            .await?,
+        )
+    }
+
+    /// Marks messages read; returns the unread count after.
+    pub async fn ack(&mut self, ids: Vec<String>) -> Result<u64> {
+        match self.call(Body::Ack { ids }).await? {
+            Reply::Acked { unread, .. } => Ok(unread),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Fetches (or waits for) unread messages, then marks exactly those read: a message shown
+    /// is never lost, and one not acknowledged comes back next time.
+    pub async fn check(&mut self, wait: Option<Duration>, limit: u32) -> Result<(Vec<MessageView>, u64)> {
+        let (msgs, unread) = match wait {
+            Some(t) => self.wait(t, limit).await?,
+            None => self.fetch(false, limit).await?,
+        };
+        let ids: Vec<String> = msgs.iter().filter(|m| !m.read).map(|m| m.id.clone()).collect();
+        if ids.is_empty() {
+            return Ok((msgs, unread));
+        }
+        let unread = self.ack(ids).await?;
+        Ok((msgs, unread))
+    }
+
+    pub async fn rename(&mut self, new_name: &AgentName) -> Result<Reply> {
+        let reply = self
+            .call(Body::Rename {
+                new_name: new_name.to_string(),
+            })
+            .await?;
+        if let (Some((old, token)), Reply::Renamed { .. }) = (self.agent.clone(), &reply) {
+            if let Some(home) = &self.home {
+                home.store_token(new_name, &token)?;
+                home.remove_token(&old)?;
+            }
+            self.agent = Some((new_name.clone(), token));
+        }
+        Ok(reply)
+    }
+
+    pub async fn status(&mut self) -> Result<StatusView> {
+        match self.call(Body::Status).await? {
+            Reply::Status(s) => Ok(*s),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn messages(reply: Reply) -> Result<(Vec<MessageView>, u64)> {
+    match reply {
+        Reply::Messages { messages, unread } => Ok((messages, unread)),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(reply: Reply) -> Error {
+    Error::Remote(WireError::new(
+        ErrorKind::Internal,
+        format!("unexpected reply from the broker: {reply:?}"),
+    ))
+}

@@ -1,0 +1,305 @@
+//! The mesh config file (`mesh.toml`) and every default, in one place.
+//!
+//! Every key is optional. Unknown keys and bad values are errors that name the key and the
+//! value, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The well-known broker address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9876";
+
+/// Defaults, named so that docs and code agree.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+    pub const INBOX_MAX: usize = 10_000;
+    pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const RATE_PER_SEC: u32 = 10_000;
+    pub const RATE_BURST: u32 = 20_000;
+    /// How long an old name keeps forwarding to the new one after a rename.
+    pub const RENAME_FORWARD: Duration = Duration::from_secs(2 * 3600);
+    /// The longest a `wait` request may block.
+    pub const WAIT_MAX: Duration = Duration::from_secs(50);
+    pub const SIBLING_PORTS: (u16, u16) = (9876, 9885);
+}
+
+/// The whole configuration, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub mesh: MeshConfig,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    /// What peers should dial, when it differs from `listen`.
+    pub advertise: Option<String>,
+    pub max_connections: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    pub peers: Vec<String>,
+    pub sibling_ports: (u16, u16),
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub inbox_max: usize,
+    /// How long read messages, and agents unseen, are kept.
+    pub retention: Duration,
+    /// Requests per second per identity; 0 turns the limit off.
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
+    pub rename_forward: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            broker: BrokerConfig {
+                listen: DEFAULT_LISTEN.parse().expect("valid default"),
+                advertise: None,
+                max_connections: defaults::MAX_CONNECTIONS,
+            },
+            mesh: MeshConfig {
+                peers: Vec::new(),
+                sibling_ports: defaults::SIBLING_PORTS,
+                secret_file: None,
+            },
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            inbox_max: defaults::INBOX_MAX,
+            retention: defaults::RETENTION,
+            rate_per_sec: defaults::RATE_PER_SEC,
+            rate_burst: defaults::RATE_BURST,
+            rename_forward: defaults::RENAME_FORWARD,
+        }
+    }
+}
+
+/// The file as written: everything optional, unknown keys refused.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    broker: RawBroker,
+    #[serde(default)]
+    mesh: RawMesh,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    listen: Option<String>,
+    advertise: Option<String>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMesh {
+    peers: Option<Vec<String>>,
+    sibling_ports: Option<String>,
+    secret_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_message_bytes: Option<usize>,
+    inbox_max: Option<usize>,
+    retention: Option<String>,
+    rate_per_sec: Option<u32>,
+    rate_burst: Option<u32>,
+    rename_forward: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read config {}: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and validates config text; the error names the bad key and value.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+        let mut c = Config::default();
+
+        if let Some(listen) = raw.broker.listen {
+            c.broker.listen = parse_addr("[broker] listen", &listen)?;
+        }
+        if let Some(adv) = raw.broker.advertise {
+            check_host_port("[broker] advertise", &adv)?;
+            c.broker.advertise = Some(adv);
+        }
+        if let Some(n) = raw.broker.max_connections {
+            c.broker.max_connections = positive("[broker] max_connections", n)?;
+        }
+
+        if let Some(peers) = raw.mesh.peers {
+            for p in &peers {
+                check_host_port("[mesh] peers", p)?;
+            }
+            c.mesh.peers = peers;
+        }
+        if let Some(range) = raw.mesh.sibling_ports {
+            c.mesh.sibling_ports = parse_port_range("[mesh] sibling_ports", &range)?;
+        }
+        c.mesh.secret_file = raw.mesh.secret_file;
+
+        let l = raw.limits;
+        if let Some(n) = l.max_message_bytes {
+            c.limits.max_message_bytes = positive("[limits] max_message_bytes", n)?;
+            if n > 64 * 1024 * 1024 {
+                return Err(format!(
+                    "[limits] max_message_bytes = {n}: at most 67108864 (64 MiB)"
+                ));
+            }
+        }
+        if let Some(n) = l.inbox_max {
+            c.limits.inbox_max = positive("[limits] inbox_max", n)?;
+        }
+        if let Some(d) = l.retention {
+            c.limits.retention = parse_duration("[limits] retention", &d)?;
+        }
+        if let Some(n) = l.rate_per_sec {
+            c.limits.rate_per_sec = n;
+        }
+        if let Some(n) = l.rate_burst {
+            c.limits.rate_burst = n;
+        }
+        if let Some(d) = l.rename_forward {
+            c.limits.rename_forward = parse_duration("[limits] rename_forward", &d)?;
+        }
+        Ok(c)
+    }
+}
+
+/// Parses a humantime duration such as `30s` or `7d`.
+pub fn parse_duration(key: &str, value: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(value).map_err(|e| {
+        format!("{key} = {value:?}: not a duration ({e}); write it like \"30s\" or \"7d\"")
+    })?;
+    if d.is_zero() {
+        return Err(format!("{key} = {value:?}: must be longer than zero"));
+    }
+    Ok(d)
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{key} = {value:?}: expected IP:PORT, like \"127.0.0.1:9876\""))
+}
+
+fn check_host_port(key: &str, value: &str) -> Result<(), String> {
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "{key}: {value:?} is not HOST:PORT, like \"build-box:9876\""
+        )),
+    }
+}
+
+fn parse_port_range(key: &str, value: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{key} = {value:?}: expected a port range like \"9876-9885\"");
+    let (lo, hi) = value.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi || hi - lo > 100 {
+        return Err(format!(
+            "{key} = {value:?}: the range must be non-empty, start above 0 and span at most 100 ports"
+        ));
+    }
+    Ok((lo, hi))
+}
+
+fn positive(key: &str, n: usize) -> Result<usize, String> {
+    if n == 0 {
+        Err(format!("{key} = 0: must be at least 1"))
+    } else {
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.broker.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.limits.inbox_max, 10_000);
+        assert_eq!(c.limits.retention, Duration::from_secs(7 * 86400));
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(
+            r#"
+            [broker]
+            listen = "127.0.0.1:9999"
+            advertise = "10.0.0.4:9876"
+            [mesh]
+            peers = ["10.0.0.5:9876", "build-box:9876"]
+            sibling_ports = "9876-9885"
+            secret_file = "/etc/ipc-mesh/secret"
+            [limits]
+            max_message_bytes = 1000
+            inbox_max = 5
+            retention = "30s"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.broker.listen.port(), 9999);
+        assert_eq!(c.mesh.peers.len(), 2);
+        assert_eq!(c.limits.retention, Duration::from_secs(30));
+        assert_eq!(c.limits.inbox_max, 5);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let e = Config::parse("[limits]\nretention = \"7x\"").unwrap_err();
+        assert!(e.contains("retention") && e.contains("7x"), "{e}");
+        let e = Config::parse("[broker]\nlisten = \"nowhere\"").unwrap_err();
+        assert!(e.contains("listen") && e.contains("nowhere"), "{e}");
+        let e = Config::parse("[mesh]\npeers = [\"nope\"]").unwrap_err();
+        assert!(e.contains("peers") && e.contains("nope"), "{e}");
+        let e = Config::parse("[limits]\ninbox_max = 0").unwrap_err();
+        assert!(e.contains("inbox_max"), "{e}");
+        let e = Config::parse("[mesh]\nsibling_ports = \"9885-9876\"").unwrap_err();
+        assert!(e.contains("sibling_ports"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = Config::parse("[limits]\nretension = \"7d\"").unwrap_err();
+        assert!(e.contains("retension"), "{e}");
+        assert!(Config::parse("[brokr]\n").is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! ipc-mesh: a durable messaging mesh for AI assistants.
+//!
+//! The library holds everything; the `ipc-mesh` binary parses arguments and calls in.
+//!
+//! - [`broker`]: the broker process: sessions, requests, group commit, retention.
+//! - [`client`]: the client library the CLI (and the MCP server) are built on.
+//! - [`protocol`]: the client ↔ broker requests and replies; [`connection`]: their framing.
+//! - [`storage`], [`inbox`], [`identity`]: what the broker keeps, and how.
+//! - [`config`], [`home`]: the mesh config file and the home folder.
+//! - [`cli`]: the subcommands.
+
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod home;
+pub mod identity;
+pub mod inbox;
+pub mod protocol;
+pub mod storage;
+
+pub use error::{Error, ErrorKind, Result};

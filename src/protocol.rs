@@ -1,0 +1,180 @@
+//! The client ↔ broker protocol: what a client may ask, and what it gets back.
+//!
+//! After the hello (see [`federation::wire`]) the broker answers with a [`Welcome`] frame (or a
+//! [`Response`] whose result is an error, and a close). Then the client sends [`Request`]
+//! frames, each with an id of its choosing, and the broker answers each with one [`Response`]
+//! frame carrying the same id. Responses may come out of order, so a client can pipeline.
+//!
+//! A connection acts for at most one agent: [`Body::Register`] binds it, and every later request
+//! on that connection acts as that agent. No request names its own sender, so none can forge one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+
+/// The broker's first frame after a good hello.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Welcome {
+    pub broker_id: String,
+    pub version: String,
+    /// The largest frame this broker accepts, in bytes.
+    pub max_frame_bytes: u64,
+}
+
+/// A request frame.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    pub id: u64,
+    pub body: Body,
+}
+
+/// A response frame: the id of the request it answers, and its outcome.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub id: u64,
+    pub result: Result<Reply, WireError>,
+}
+
+/// What a client can ask.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum Body {
+    /// Answered with `Pong`; needs no registration. Used for health checks and round trips.
+    Ping,
+    /// Claim `name` (no token: a new name) or reclaim it (with the token it was given).
+    Register { name: String, token: Option<String> },
+    Send {
+        to: String,
+        content: String,
+        /// A JSON object, as text.
+        data: Option<String>,
+        reply_to: Option<String>,
+        /// Keep the message for a recipient this broker has never seen, instead of refusing.
+        hold: bool,
+    },
+    Broadcast { content: String, data: Option<String> },
+    /// Unread messages (and read ones too with `include_read`), oldest first, at most
+    /// `limit`. With `mark_read`, the unread ones returned are marked read atomically.
+    Fetch { include_read: bool, limit: u32, mark_read: bool },
+    /// Mark these messages read.
+    Ack { ids: Vec<String> },
+    /// Block until an unread message exists (or `timeout_ms` passes), then fetch.
+    Wait { timeout_ms: u64, limit: u32, mark_read: bool },
+    List,
+    Rename { new_name: String },
+    Status,
+}
+
+/// What a client gets back.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum Reply {
+    Pong { broker_id: String },
+    Registered {
+        name: String,
+        token: String,
+        broker_id: String,
+        /// True when this registration created the name.
+        created: bool,
+        unread: u64,
+    },
+    Sent { id: String, route: Route, unread: u64 },
+    Broadcast { id: String, reached: u32, skipped: Vec<Skipped>, unread: u64 },
+    Messages { messages: Vec<MessageView>, unread: u64 },
+    Acked { marked: u32, unread: u64 },
+    Agents { agents: Vec<AgentView> },
+    Renamed { old: String, new: String, unread: u64 },
+    Status(Box<StatusView>),
+}
+
+/// Where a sent message went.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Route {
+    /// Into the inbox of an agent of this broker.
+    Local { to: String },
+    /// Addressed to an old name; delivered to the agent's new name.
+    Forwarded { from: String, to: String },
+    /// The recipient was never seen; held for it (the sender asked for `hold`).
+    Held { to: String },
+}
+
+/// A broadcast recipient that did not get the message, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Skipped {
+    pub name: String,
+    pub reason: String,
+}
+
+/// A message as clients see it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MessageView {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    /// RFC 3339, UTC.
+    pub sent_at: String,
+    pub content: String,
+    /// A JSON object as text, or none.
+    pub data: Option<String>,
+    pub reply_to: Option<String>,
+    /// `direct`, `broadcast` or `notice`.
+    pub kind: String,
+    pub read: bool,
+}
+
+/// An agent as `list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentView {
+    pub name: String,
+    pub broker: String,
+    pub online: bool,
+    /// RFC 3339, UTC.
+    pub last_seen: String,
+}
+
+/// What `status` reports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatusView {
+    pub broker: BrokerView,
+    pub peers: Vec<PeerView>,
+    pub agents: Vec<AgentView>,
+    /// Per origin broker, the highest contiguous sequence delivered here.
+    pub clock: Vec<ClockEntry>,
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerView {
+    pub id: String,
+    pub listen: String,
+    pub advertise: String,
+    pub version: String,
+    pub uptime_secs: u64,
+    pub data_dir: String,
+    pub connections: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    pub id: String,
+    pub addr: String,
+    pub state: String,
+    pub rtt_ms: Option<f64>,
+    pub outbox: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClockEntry {
+    pub origin: String,
+    pub delivered: u64,
+}
+
+/// Counters since the broker started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub messages_accepted: u64,
+    pub messages_stored: u64,
+    pub messages_expired: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub rate_limited: u64,
+    pub flushes: u64,
+}

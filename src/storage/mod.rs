@@ -1,0 +1,188 @@
+//! Storage: a small ordered key/value engine trait, with sled as the real engine and an
+//! in-memory twin for tests.
+//!
+//! Everything the broker keeps lives in one keyspace, partitioned by a one-byte prefix (see
+//! [`keys`]), so that a [`Batch`] touching inboxes, agents and metadata applies atomically.
+//! Writes are visible at once and durable after [`Engine::flush`]; the broker acknowledges
+//! nothing before the flush that covers it (see `broker::commit`).
+
+mod memory;
+mod sled;
+
+pub use self::memory::MemoryEngine;
+pub use self::sled::SledEngine;
+
+use crate::error::Result;
+
+/// One write in a [`Batch`].
+#[derive(Clone, Debug)]
+pub enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// Writes applied all together or not at all.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(key.into(), value.into()));
+    }
+
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(key.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// An ordered key/value store.
+pub trait Engine: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Applies every op of the batch atomically.
+    fn apply(&self, batch: Batch) -> Result<()>;
+
+    /// Up to `limit` pairs whose keys start with `prefix` and sort after `after` (all of them
+    /// when `after` is `None`), in key order.
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Makes every write applied so far durable. Blocking: call it off the async runtime.
+    fn flush(&self) -> Result<()>;
+}
+
+/// Key layout. Agent names never contain a NUL byte, so `name\0` ends a name unambiguously.
+pub mod keys {
+    use federation::AgentName;
+
+    /// Broker metadata (`m` + field name).
+    pub const META: u8 = b'm';
+    /// Unread messages: `u` + recipient + `\0` + sequence (u64 BE) → encoded message.
+    pub const UNREAD: u8 = b'u';
+    /// Read messages: `r` + recipient + `\0` + sequence → read time (u64 BE ms) + message.
+    pub const READ: u8 = b'r';
+    /// Agent records: `a` + name → encoded record.
+    pub const AGENT: u8 = b'a';
+
+    pub fn meta(field: &str) -> Vec<u8> {
+        let mut k = vec![META];
+        k.extend_from_slice(field.as_bytes());
+        k
+    }
+
+    /// The prefix of every key of one agent's inbox in `space`.
+    pub fn inbox_prefix(space: u8, agent: &AgentName) -> Vec<u8> {
+        let mut k = Vec::with_capacity(agent.as_str().len() + 2);
+        k.push(space);
+        k.extend_from_slice(agent.as_str().as_bytes());
+        k.push(0);
+        k
+    }
+
+    pub fn inbox(space: u8, agent: &AgentName, seq: u64) -> Vec<u8> {
+        let mut k = inbox_prefix(space, agent);
+        k.extend_from_slice(&seq.to_be_bytes());
+        k
+    }
+
+    /// The recipient and sequence of an inbox key.
+    pub fn parse_inbox(key: &[u8]) -> Option<(&str, u64)> {
+        let rest = key.get(1..)?;
+        let nul = rest.iter().position(|b| *b == 0)?;
+        let name = std::str::from_utf8(&rest[..nul]).ok()?;
+        let seq: [u8; 8] = rest.get(nul + 1..)?.try_into().ok()?;
+        Some((name, u64::from_be_bytes(seq)))
+    }
+
+    pub fn agent(name: &AgentName) -> Vec<u8> {
+        let mut k = vec![AGENT];
+        k.extend_from_slice(name.as_str().as_bytes());
+        k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same contract, run against both engines.
+    fn exercise(engine: &dyn Engine) {
+        let mut b = Batch::new();
+        b.put(b"a1".to_vec(), b"x".to_vec());
+        b.put(b"a2".to_vec(), b"y".to_vec());
+        b.put(b"a3".to_vec(), b"z".to_vec());
+        b.put(b"b1".to_vec(), b"w".to_vec());
+        engine.apply(b).unwrap();
+        assert_eq!(engine.get(b"a2").unwrap(), Some(b"y".to_vec()));
+        assert_eq!(engine.get(b"nope").unwrap(), None);
+
+        let all = engine.scan(b"a", None, 10).unwrap();
+        assert_eq!(all.len(), 3);
+        let after = engine.scan(b"a", Some(b"a1"), 1).unwrap();
+        assert_eq!(after, vec![(b"a2".to_vec(), b"y".to_vec())]);
+
+        let mut b = Batch::new();
+        b.delete(b"a1".to_vec());
+        b.put(b"a2".to_vec(), b"Y".to_vec());
+        engine.apply(b).unwrap();
+        let all = engine.scan(b"a", None, 10).unwrap();
+        assert_eq!(
+            all,
+            vec![
+                (b"a2".to_vec(), b"Y".to_vec()),
+                (b"a3".to_vec(), b"z".to_vec())
+            ]
+        );
+        engine.flush().unwrap();
+    }
+
+    #[test]
+    fn memory_engine_meets_the_contract() {
+        exercise(&MemoryEngine::new());
+    }
+
+    #[test]
+    fn sled_engine_meets_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        exercise(&SledEngine::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn sled_engine_keeps_flushed_writes_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = SledEngine::open(dir.path()).unwrap();
+            let mut b = Batch::new();
+            b.put(b"k".to_vec(), b"v".to_vec());
+            e.apply(b).unwrap();
+            e.flush().unwrap();
+        }
+        let e = SledEngine::open(dir.path()).unwrap();
+        assert_eq!(e.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn inbox_keys_parse_back() {
+        let name = federation::AgentName::new("alice").unwrap();
+        let k = keys::inbox(keys::UNREAD, &name, 77);
+        assert_eq!(keys::parse_inbox(&k), Some(("alice", 77)));
+        assert!(k.starts_with(&keys::inbox_prefix(keys::UNREAD, &name)));
+        // "al" is a prefix of "alice" as text, but not as an inbox prefix.
+        let al = federation::AgentName::new("al").unwrap();
+        assert!(!k.starts_with(&keys::inbox_prefix(keys::UNREAD, &al)));
+    }
+}
