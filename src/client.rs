@@ -25,7 +25,7 @@ use federation::AgentName;
 use crate::connection::{self, CLIENT_MAX_FRAME};
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::home::Home;
-use crate::protocol::{Body, MessageView, Reply, Request, Response, StatusView, Welcome};
+use crate::protocol::{Body, MessageView, Outgoing, Reply, Request, Response, StatusView, Welcome};
 
 /// How long to wait for a broker to accept a connection and answer the hello.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -191,7 +191,9 @@ fn retry_safe(body: &Body) -> bool {
     match body {
         Body::Ping | Body::Register { .. } | Body::List | Body::Status | Body::Ack { .. } => true,
         Body::Fetch { mark_read, .. } | Body::Wait { mark_read, .. } => !mark_read,
-        Body::Send { .. } | Body::Broadcast { .. } | Body::Rename { .. } => false,
+        // A send with a dedup key is answered once, however often it arrives.
+        Body::Send(out) => out.dedup_key.is_some(),
+        Body::Broadcast { .. } | Body::Rename { .. } => false,
     }
 }
 
@@ -327,22 +329,13 @@ impl Client {
         }
     }
 
-    pub async fn send(
-        &mut self,
-        to: &str,
-        content: &str,
-        data: Option<String>,
-        reply_to: Option<String>,
-        hold: bool,
-    ) -> Result<Reply> {
-        self.call(Body::Send {
-            to: to.to_string(),
-            content: content.to_string(),
-            data,
-            reply_to,
-            hold,
-        })
-        .await
+    /// Sends a direct message. Unless the caller set one, a fresh dedup key is attached, so
+    /// the send is retried safely if the connection drops with it in flight.
+    pub async fn send(&mut self, mut out: Outgoing) -> Result<Reply> {
+        if out.dedup_key.is_none() {
+            out.dedup_key = Some(hex::encode(rand::random::<[u8; 16]>()));
+        }
+        self.call(Body::Send(out)).await
     }
 
     pub async fn broadcast(&mut self, content: &str, data: Option<String>) -> Result<Reply> {
@@ -354,7 +347,11 @@ impl Client {
     }
 
     /// Unread messages, without marking them read.
-    pub async fn fetch(&mut self, include_read: bool, limit: u32) -> Result<(Vec<MessageView>, u64)> {
+    pub async fn fetch(
+        &mut self,
+        include_read: bool,
+        limit: u32,
+    ) -> Result<(Vec<MessageView>, u64)> {
         messages(
             self.call(Body::Fetch {
                 include_read,
@@ -387,12 +384,20 @@ impl Client {
 
     /// Fetches (or waits for) unread messages, then marks exactly those read: a message shown
     /// is never lost, and one not acknowledged comes back next time.
-    pub async fn check(&mut self, wait: Option<Duration>, limit: u32) -> Result<(Vec<MessageView>, u64)> {
+    pub async fn check(
+        &mut self,
+        wait: Option<Duration>,
+        limit: u32,
+    ) -> Result<(Vec<MessageView>, u64)> {
         let (msgs, unread) = match wait {
             Some(t) => self.wait(t, limit).await?,
             None => self.fetch(false, limit).await?,
         };
-        let ids: Vec<String> = msgs.iter().filter(|m| !m.read).map(|m| m.id.clone()).collect();
+        let ids: Vec<String> = msgs
+            .iter()
+            .filter(|m| !m.read)
+            .map(|m| m.id.clone())
+            .collect();
         if ids.is_empty() {
             return Ok((msgs, unread));
         }

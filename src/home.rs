@@ -103,9 +103,8 @@ impl Home {
 
 fn create_private_dir(dir: &Path) -> Result<()> {
     if !dir.exists() {
-        fs::create_dir_all(dir).map_err(|e| {
-            Error::Config(format!("cannot create {}: {e}", dir.display()))
-        })?;
+        fs::create_dir_all(dir)
+            .map_err(|e| Error::Config(format!("cannot create {}: {e}", dir.display())))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
     Ok(())

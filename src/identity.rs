@@ -21,7 +21,10 @@ pub fn new_token() -> String {
 
 /// Whether `token` has the shape of a token we issue; anything else is refused before hashing.
 pub fn token_shape_ok(token: &str) -> bool {
-    token.len() == TOKEN_LEN && token.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    token.len() == TOKEN_LEN
+        && token
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 pub fn hash_token(token: &str) -> [u8; 32] {
@@ -30,7 +33,10 @@ pub fn hash_token(token: &str) -> [u8; 32] {
 
 /// Compares in time independent of where the first difference is.
 pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// What a broker stores about one name.

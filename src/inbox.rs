@@ -88,7 +88,8 @@ fn scan(
                 break 'pages;
             }
             let entry = decode_entry(space, arrival, v)?;
-            bytes += entry.message.content.len() + entry.message.data.as_ref().map_or(0, |d| d.len());
+            bytes +=
+                entry.message.content.len() + entry.message.data.as_ref().map_or(0, |d| d.len());
             out.push(entry);
         }
         after = page.last().map(|(k, _)| k.clone());
@@ -160,7 +161,12 @@ mod tests {
         let b_name = AgentName::new("b").unwrap();
         let mut batch = Batch::new();
         for s in 1..=5 {
-            put_unread(&mut batch, &b_name, s, encode_message(&msg(s, "0123456789")));
+            put_unread(
+                &mut batch,
+                &b_name,
+                s,
+                encode_message(&msg(s, "0123456789")),
+            );
         }
         e.apply(batch).unwrap();
         assert_eq!(unread(&e, &b_name, 3, 100, 1 << 20).unwrap().len(), 3);

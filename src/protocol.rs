@@ -41,33 +41,62 @@ pub enum Body {
     /// Answered with `Pong`; needs no registration. Used for health checks and round trips.
     Ping,
     /// Claim `name` (no token: a new name) or reclaim it (with the token it was given).
-    Register { name: String, token: Option<String> },
-    Send {
-        to: String,
-        content: String,
-        /// A JSON object, as text.
-        data: Option<String>,
-        reply_to: Option<String>,
-        /// Keep the message for a recipient this broker has never seen, instead of refusing.
-        hold: bool,
+    Register {
+        name: String,
+        token: Option<String>,
     },
-    Broadcast { content: String, data: Option<String> },
+    Send(Outgoing),
+    Broadcast {
+        content: String,
+        data: Option<String>,
+    },
     /// Unread messages (and read ones too with `include_read`), oldest first, at most
     /// `limit`. With `mark_read`, the unread ones returned are marked read atomically.
-    Fetch { include_read: bool, limit: u32, mark_read: bool },
+    Fetch {
+        include_read: bool,
+        limit: u32,
+        mark_read: bool,
+    },
     /// Mark these messages read.
-    Ack { ids: Vec<String> },
+    Ack {
+        ids: Vec<String>,
+    },
     /// Block until an unread message exists (or `timeout_ms` passes), then fetch.
-    Wait { timeout_ms: u64, limit: u32, mark_read: bool },
+    Wait {
+        timeout_ms: u64,
+        limit: u32,
+        mark_read: bool,
+    },
     List,
-    Rename { new_name: String },
+    Rename {
+        new_name: String,
+    },
     Status,
+}
+
+/// A direct message to send.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Outgoing {
+    /// `name`, or `name@broker-id`.
+    pub to: String,
+    pub content: String,
+    /// A JSON object, as text.
+    pub data: Option<String>,
+    pub reply_to: Option<String>,
+    /// Keep the message for a recipient never seen, instead of refusing it.
+    pub hold: bool,
+    /// A key of the sender's choosing (at most 64 bytes). A second send with the same key
+    /// within the retention is not stored again: it gets the first one's reply. This is what
+    /// makes resending after a lost connection safe.
+    pub dedup_key: Option<String>,
 }
 
 /// What a client gets back.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Reply {
-    Pong { broker_id: String },
+    Pong {
+        broker_id: String,
+    },
     Registered {
         name: String,
         token: String,
@@ -76,12 +105,33 @@ pub enum Reply {
         created: bool,
         unread: u64,
     },
-    Sent { id: String, route: Route, unread: u64 },
-    Broadcast { id: String, reached: u32, skipped: Vec<Skipped>, unread: u64 },
-    Messages { messages: Vec<MessageView>, unread: u64 },
-    Acked { marked: u32, unread: u64 },
-    Agents { agents: Vec<AgentView> },
-    Renamed { old: String, new: String, unread: u64 },
+    Sent {
+        id: String,
+        route: Route,
+        unread: u64,
+    },
+    Broadcast {
+        id: String,
+        reached: u32,
+        skipped: Vec<Skipped>,
+        unread: u64,
+    },
+    Messages {
+        messages: Vec<MessageView>,
+        unread: u64,
+    },
+    Acked {
+        marked: u32,
+        unread: u64,
+    },
+    Agents {
+        agents: Vec<AgentView>,
+    },
+    Renamed {
+        old: String,
+        new: String,
+        unread: u64,
+    },
     Status(Box<StatusView>),
 }
 

@@ -32,7 +32,9 @@ impl DeliveryClock {
 
     /// Has this dot been delivered already?
     pub fn contains(&self, dot: Dot) -> bool {
-        self.origins.get(&dot.origin).is_some_and(|o| o.contains(dot.seq))
+        self.origins
+            .get(&dot.origin)
+            .is_some_and(|o| o.contains(dot.seq))
     }
 
     /// Records `dot` as delivered. Returns false, changing nothing, if it already was.

@@ -164,14 +164,25 @@ mod tests {
         for ok in ["a", "claude-1", "Gemini_CLI", &"x".repeat(32)] {
             assert!(AgentName::new(ok).is_ok(), "{ok} should be valid");
         }
-        for bad in ["", "has space", "dot.ted", "ünï", &"x".repeat(33), "a/b", "a@b"] {
+        for bad in [
+            "",
+            "has space",
+            "dot.ted",
+            "ünï",
+            &"x".repeat(33),
+            "a/b",
+            "a@b",
+        ] {
             assert!(AgentName::new(bad).is_err(), "{bad} should be invalid");
         }
     }
 
     #[test]
     fn names_are_case_sensitive() {
-        assert_ne!(AgentName::new("Bob").unwrap(), AgentName::new("bob").unwrap());
+        assert_ne!(
+            AgentName::new("Bob").unwrap(),
+            AgentName::new("bob").unwrap()
+        );
     }
 
     #[test]

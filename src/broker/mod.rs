@@ -40,8 +40,8 @@ use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::identity::{self, AgentRecord, SYSTEM};
 use crate::inbox::{self, Entry};
 use crate::protocol::{
-    AgentView, Body, BrokerView, ClockEntry, Counters, MessageView, Reply, Route, Skipped,
-    StatusView,
+    AgentView, Body, BrokerView, ClockEntry, Counters, MessageView, Outgoing, Reply, Route,
+    Skipped, StatusView,
 };
 use crate::storage::{keys, Batch, Engine};
 
@@ -140,6 +140,14 @@ impl From<Result<Reply, WireError>> for Outcome {
     }
 }
 
+/// What a dedup key remembers of the send that first used it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DedupEntry {
+    pub id: String,
+    pub route: Route,
+    pub at_ms: u64,
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -206,7 +214,10 @@ impl Broker {
         let seq_ceiling = old_ceiling + SEQ_BLOCK;
         let mut b = Batch::new();
         b.put(keys::meta("broker_id"), id.as_u32().to_be_bytes().to_vec());
-        b.put(keys::meta("seq_ceiling"), seq_ceiling.to_be_bytes().to_vec());
+        b.put(
+            keys::meta("seq_ceiling"),
+            seq_ceiling.to_be_bytes().to_vec(),
+        );
         engine.apply(b)?;
         engine.flush()?;
 
@@ -258,9 +269,11 @@ impl Broker {
             cancel: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
-        tasks
-            .tracker
-            .spawn(broker.clone().run_flusher(wake, durable_tx, tasks.cancel.clone()));
+        tasks.tracker.spawn(
+            broker
+                .clone()
+                .run_flusher(wake, durable_tx, tasks.cancel.clone()),
+        );
         tasks
             .tracker
             .spawn(retention::run(broker.clone(), tasks.cancel.clone()));
@@ -337,7 +350,11 @@ impl Broker {
 
     /// Counts a new connection; returns its id.
     pub fn connection_opened(&self) -> u64 {
-        self.inner.counters.connections.fetch_add(1, Ordering::Relaxed) + 1
+        self.inner
+            .counters
+            .connections
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
     }
 
     /// Called when a connection closes: the agent it was registered as may go offline.
@@ -388,13 +405,7 @@ impl Broker {
                 broker_id: self.inner.id.to_string(),
             })),
             Body::Register { name, token } => self.register(ctx, name, token),
-            Body::Send {
-                to,
-                content,
-                data,
-                reply_to,
-                hold,
-            } => self.send(ctx, to, content, data, reply_to, hold),
+            Body::Send(out) => self.send(ctx, out),
             Body::Broadcast { content, data } => self.broadcast(ctx, content, data),
             Body::Fetch {
                 include_read,
@@ -527,28 +538,30 @@ impl Broker {
                 ))
                 .into();
             }
-            Some(a) if !a.record.is_forward() && !self.claim_lapsed(&s, &name, a, now) => match &token {
-                Some(t) if a.record.token_matches(t) => {
-                    let mut r = a.record.clone();
-                    r.incarnation += 1;
-                    r.last_seen_ms = now;
-                    (r, t.clone(), false)
-                }
-                Some(_) => {
-                    return Err(WireError::new(
+            Some(a) if !a.record.is_forward() && !self.claim_lapsed(&s, &name, a, now) => {
+                match &token {
+                    Some(t) if a.record.token_matches(t) => {
+                        let mut r = a.record.clone();
+                        r.incarnation += 1;
+                        r.last_seen_ms = now;
+                        (r, t.clone(), false)
+                    }
+                    Some(_) => {
+                        return Err(WireError::new(
                         ErrorKind::BadToken,
                         format!("the token does not match {name}; nothing was changed. Use the token {name} was given, or choose another name"),
                     ))
                     .into();
-                }
-                None => {
-                    return Err(WireError::new(
+                    }
+                    None => {
+                        return Err(WireError::new(
                         ErrorKind::NameTaken,
                         format!("{name} is held by another agent; register with its token (the CLI keeps it in <home>/agents/{name}.token) or choose another name"),
                     ))
                     .into();
+                    }
                 }
-            },
+            }
             // Free: never claimed, a forward that ran out, or a claim that lapsed.
             other => {
                 if token.is_some() {
@@ -588,8 +601,7 @@ impl Broker {
             Ok(e) => e,
             Err(e) => return Err(e).into(),
         };
-        let online = s.agents.get(&name).map_or(0, |a| a.online)
-            + u32::from(ctx.agent.is_none());
+        let online = s.agents.get(&name).map_or(0, |a| a.online) + u32::from(ctx.agent.is_none());
         s.agents.insert(name.clone(), Agent { record, online });
         let unread = Self::unread_of(&s, &name);
         drop(s);
@@ -618,7 +630,9 @@ impl Broker {
         if size > max {
             return Err(WireError::new(
                 ErrorKind::TooLarge,
-                format!("the message is {size} bytes; the limit is {max} bytes. Send less, or split it"),
+                format!(
+                    "the message is {size} bytes; the limit is {max} bytes. Send less, or split it"
+                ),
             ));
         }
         if let Some(d) = data {
@@ -645,18 +659,24 @@ impl Broker {
         None
     }
 
-    fn send(
-        &self,
-        ctx: &SessionCtx,
-        to: String,
-        content: String,
-        data: Option<String>,
-        reply_to: Option<String>,
-        hold: bool,
-    ) -> Outcome {
+    fn send(&self, ctx: &SessionCtx, out: Outgoing) -> Outcome {
         let Some(from) = ctx.agent.clone() else {
             return Err(not_registered()).into();
         };
+        let Outgoing {
+            to,
+            content,
+            data,
+            reply_to,
+            hold,
+            dedup_key,
+        } = out;
+        if dedup_key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > 64)
+        {
+            return Err(WireError::invalid("dedup_key must be 1 to 64 bytes")).into();
+        }
         if let Err(e) = self.validate_body(&content, &data) {
             return Err(e).into();
         }
@@ -670,6 +690,28 @@ impl Broker {
         };
         let now = now_ms();
         let mut s = self.state();
+        let dedup = dedup_key.map(|k| keys::dedup(&from, &k));
+        if let Some(k) = &dedup {
+            match self.inner.engine.get(k) {
+                Ok(Some(v)) => {
+                    // A resend: answer as the first time, once that first write is durable
+                    // (it is covered by the current epoch).
+                    let Ok(first) = federation::wire::decode::<DedupEntry>(&v) else {
+                        return Err(WireError::internal("corrupt dedup entry")).into();
+                    };
+                    return Outcome::AfterCommit {
+                        epoch: s.epoch,
+                        reply: Reply::Sent {
+                            id: first.id,
+                            route: first.route,
+                            unread: Self::unread_of(&s, &from),
+                        },
+                    };
+                }
+                Ok(None) => {}
+                Err(e) => return Err(storage_err(e)).into(),
+            }
+        }
         let (target, route) = match self.resolve(&s, &to_name, now) {
             Some(t) if t == to_name => (t.clone(), Route::Local { to: t.to_string() }),
             Some(t) => (
@@ -679,9 +721,12 @@ impl Broker {
                     to: t.to_string(),
                 },
             ),
-            None if hold || s.unread.contains_key(&to_name) => {
-                (to_name.clone(), Route::Held { to: to_name.to_string() })
-            }
+            None if hold || s.unread.contains_key(&to_name) => (
+                to_name.clone(),
+                Route::Held {
+                    to: to_name.to_string(),
+                },
+            ),
             None => {
                 let names: Vec<&str> = s
                     .agents
@@ -727,6 +772,14 @@ impl Broker {
         };
         let mut batch = Batch::new();
         inbox::put_unread(&mut batch, &target, seq, inbox::encode_message(&message));
+        if let Some(k) = dedup {
+            let entry = DedupEntry {
+                id: dot.to_string(),
+                route: route.clone(),
+                at_ms: now,
+            };
+            batch.put(k, federation::wire::encode(&entry));
+        }
         let epoch = match self.apply(&mut s, batch) {
             Ok(e) => e,
             Err(e) => return Err(e).into(),
@@ -755,7 +808,9 @@ impl Broker {
         };
         let name = AgentName::new(name)?;
         if name.as_str() == SYSTEM {
-            return Err(WireError::invalid("\"system\" sends notices; it cannot receive messages"));
+            return Err(WireError::invalid(
+                "\"system\" sends notices; it cannot receive messages",
+            ));
         }
         if let Some(b) = broker {
             let id: BrokerId = b.parse()?;
@@ -789,11 +844,18 @@ impl Broker {
             Err(e) => return Err(e).into(),
         };
         let dot = Dot::new(self.inner.id, seq);
-        let (epoch, reached, skipped) =
-            match self.deliver_to_all(&mut s, &from, dot, now, content, data, MessageKind::Broadcast) {
-                Ok(r) => r,
-                Err(e) => return Err(e).into(),
-            };
+        let (epoch, reached, skipped) = match self.deliver_to_all(
+            &mut s,
+            &from,
+            dot,
+            now,
+            content,
+            data,
+            MessageKind::Broadcast,
+        ) {
+            Ok(r) => r,
+            Err(e) => return Err(e).into(),
+        };
         let unread = Self::unread_of(&s, &from);
         drop(s);
         self.count_stored(reached as u64);
@@ -862,7 +924,13 @@ impl Broker {
     }
 
     /// Unread (and, with `include_read`, read) messages of `agent`.
-    pub fn fetch(&self, agent: &AgentName, include_read: bool, limit: u32, mark_read: bool) -> Outcome {
+    pub fn fetch(
+        &self,
+        agent: &AgentName,
+        include_read: bool,
+        limit: u32,
+        mark_read: bool,
+    ) -> Outcome {
         let limit = limit.clamp(1, FETCH_MAX) as usize;
         let visible = self.inner.commit.durable().arrival;
         let engine = &*self.inner.engine;
@@ -970,7 +1038,11 @@ impl Broker {
             return Err(WireError::invalid(format!("you are already called {old}"))).into();
         }
         if new.as_str() == SYSTEM {
-            return Err(WireError::new(ErrorKind::NameTaken, "the name \"system\" is reserved")).into();
+            return Err(WireError::new(
+                ErrorKind::NameTaken,
+                "the name \"system\" is reserved",
+            ))
+            .into();
         }
         let now = now_ms();
         let mut s = self.state();
@@ -1020,7 +1092,9 @@ impl Broker {
             Err(e) => return Err(storage_err(e)).into(),
         };
         for (k, v) in moved {
-            let Some((_, arrival)) = keys::parse_inbox(&k) else { continue };
+            let Some((_, arrival)) = keys::parse_inbox(&k) else {
+                continue;
+            };
             let mut v = v;
             let space = k[0];
             // Rewrite the stored recipient so the message reads as addressed to the new name.
@@ -1239,7 +1313,9 @@ pub fn validate_json_object(text: &str) -> Result<(), WireError> {
     }
     match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Object(_)) => Ok(()),
-        Ok(_) => Err(WireError::invalid("data must be a JSON object, like {\"key\": \"value\"}")),
+        Ok(_) => Err(WireError::invalid(
+            "data must be a JSON object, like {\"key\": \"value\"}",
+        )),
         Err(e) => Err(WireError::invalid(format!("data is not valid JSON: {e}"))),
     }
 }
@@ -1262,7 +1338,11 @@ pub fn closest_names(wanted: &str, known: &[&str]) -> Vec<String> {
         })
         .collect();
     scored.sort();
-    scored.into_iter().take(3).map(|(_, k)| k.to_string()).collect()
+    scored
+        .into_iter()
+        .take(3)
+        .map(|(_, k)| k.to_string())
+        .collect()
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -1289,7 +1369,10 @@ mod tests {
         assert!(validate_json_object("[1]").is_err());
         assert!(validate_json_object("{").is_err());
         let deep = format!("{{\"a\":{}1{}}}", "[".repeat(40), "]".repeat(40));
-        assert!(validate_json_object(&deep).unwrap_err().message.contains("deeper"));
+        assert!(validate_json_object(&deep)
+            .unwrap_err()
+            .message
+            .contains("deeper"));
         let deep_in_string = format!("{{\"a\":\"{}\"}}", "[".repeat(100));
         assert!(validate_json_object(&deep_in_string).is_ok());
     }

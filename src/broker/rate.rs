@@ -35,9 +35,8 @@ impl RateLimiter {
         }
         if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(who) {
             let (per_sec, burst) = (self.per_sec, self.burst);
-            self.buckets.retain(|_, b| {
-                b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < burst
-            });
+            self.buckets
+                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_sec < burst);
         }
         let b = self.buckets.entry(who.to_string()).or_insert(Bucket {
             tokens: self.burst,

@@ -73,7 +73,9 @@ impl Broker {
             let mut batch = Batch::new();
             let mut expired: Vec<Message> = Vec::new();
             for (k, v) in inbox::all_keys(engine, &name)? {
-                let Some((_, arrival)) = keys::parse_inbox(&k) else { continue };
+                let Some((_, arrival)) = keys::parse_inbox(&k) else {
+                    continue;
+                };
                 let e = inbox::decode_entry(k[0], arrival, &v)?;
                 match e.read_at_ms {
                     Some(read_at) if read_at <= cutoff => {
@@ -96,7 +98,9 @@ impl Broker {
                 if m.from.as_str() == SYSTEM || !s.agents.contains_key(&m.from) {
                     continue;
                 }
-                let Ok(seq) = self.next_seq(&mut s) else { break };
+                let Ok(seq) = self.next_seq(&mut s) else {
+                    break;
+                };
                 let notice = Message {
                     dot: Dot::new(self.id(), seq),
                     from: AgentName::new(SYSTEM).expect("valid"),
@@ -130,6 +134,26 @@ impl Broker {
                 }
             }
             swept.expired += n_expired;
+        }
+
+        // Forget send dedup keys older than the retention.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = engine.scan(&[keys::DEDUP], after.as_deref(), 1024)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            let mut batch = Batch::new();
+            for (k, v) in &page {
+                match federation::wire::decode::<super::DedupEntry>(v) {
+                    Ok(e) if e.at_ms > cutoff => {}
+                    _ => batch.delete(k.clone()),
+                }
+            }
+            if !batch.is_empty() {
+                let mut s = self.state();
+                self.apply(&mut s, batch)
+                    .map_err(|e| crate::error::Error::Storage(e.message))?;
+            }
         }
 
         // Forget ended forwards and lapsed claims.

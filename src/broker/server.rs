@@ -56,12 +56,13 @@ pub async fn run(listener: TcpListener, broker: Broker, shutdown: impl Future) {
 
 /// Binds, opens `<home>/broker-<port>/`, serves until `shutdown`, then flushes and returns.
 pub async fn serve(config: Config, home: &Home, shutdown: impl Future) -> Result<()> {
-    let listener = TcpListener::bind(config.broker.listen).await.map_err(|e| {
-        Error::Unreachable {
-            addr: config.broker.listen.to_string(),
-            reason: format!("cannot listen there: {e}"),
-        }
-    })?;
+    let listener =
+        TcpListener::bind(config.broker.listen)
+            .await
+            .map_err(|e| Error::Unreachable {
+                addr: config.broker.listen.to_string(),
+                reason: format!("cannot listen there: {e}"),
+            })?;
     serve_on(listener, config, home, shutdown).await
 }
 

@@ -39,7 +39,12 @@ struct Header {
     id: u64,
 }
 
-pub(super) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+pub(super) async fn run(
+    broker: Broker,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let conn_id = broker.connection_opened();
     // Old claude-ipc-mcp clients send one JSON object per connection. Tell them, in their
@@ -67,7 +72,9 @@ pub(super) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr, sto
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "bad hello");
-            let _ = framed.send(Bytes::from(wire::encode(&error_frame(0, e)))).await;
+            let _ = framed
+                .send(Bytes::from(wire::encode(&error_frame(0, e))))
+                .await;
             return;
         }
     };
@@ -76,7 +83,9 @@ pub(super) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr, sto
             ErrorKind::Protocol,
             "peer links are not served on this connection; this broker accepts clients only",
         );
-        let _ = framed.send(Bytes::from(wire::encode(&error_frame(0, e)))).await;
+        let _ = framed
+            .send(Bytes::from(wire::encode(&error_frame(0, e))))
+            .await;
         return;
     }
     let welcome = Welcome {
@@ -84,7 +93,11 @@ pub(super) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr, sto
         version: env!("CARGO_PKG_VERSION").to_string(),
         max_frame_bytes: max_frame as u64,
     };
-    if framed.send(Bytes::from(wire::encode(&welcome))).await.is_err() {
+    if framed
+        .send(Bytes::from(wire::encode(&welcome)))
+        .await
+        .is_err()
+    {
         return;
     }
 
@@ -127,7 +140,9 @@ pub(super) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr, sto
                         "frame over the {max_frame}-byte limit; the connection is closed (messages may be at most {} bytes)",
                         broker.config().limits.max_message_bytes
                     );
-                    let _ = tx.send(error_frame(0, WireError::new(ErrorKind::TooLarge, msg))).await;
+                    let _ = tx
+                        .send(error_frame(0, WireError::new(ErrorKind::TooLarge, msg)))
+                        .await;
                 } else {
                     tracing::debug!(%peer, error = %e, "connection read failed");
                 }
@@ -140,7 +155,11 @@ pub(super) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr, sto
             Err(e) => match wire::decode::<Header>(&frame) {
                 Ok(h) => {
                     let msg = format!("unknown or malformed request: {e}");
-                    if tx.send(error_frame(h.id, WireError::invalid(msg))).await.is_err() {
+                    if tx
+                        .send(error_frame(h.id, WireError::invalid(msg)))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                     continue;
@@ -149,7 +168,10 @@ pub(super) async fn run(broker: Broker, stream: TcpStream, peer: SocketAddr, sto
                     let _ = tx
                         .send(error_frame(
                             0,
-                            WireError::new(ErrorKind::Protocol, format!("undecodable frame, closing: {e}")),
+                            WireError::new(
+                                ErrorKind::Protocol,
+                                format!("undecodable frame, closing: {e}"),
+                            ),
                         ))
                         .await;
                     break;

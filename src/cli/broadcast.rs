@@ -29,7 +29,10 @@ pub async fn run(ctx: Ctx, a: BroadcastArgs) -> anyhow::Result<ExitCode> {
     } = client.broadcast(&a.text, data).await?
     {
         println!("{id}");
-        eprintln!("reached {reached} agent{}", if reached == 1 { "" } else { "s" });
+        eprintln!(
+            "reached {reached} agent{}",
+            if reached == 1 { "" } else { "s" }
+        );
         for s in &skipped {
             eprintln!("not delivered to {}: {}", s.name, s.reason);
         }

@@ -35,7 +35,10 @@ pub async fn run(ctx: Ctx, a: ListArgs) -> anyhow::Result<ExitCode> {
                 ]
             })
             .collect();
-        print!("{}", table::render(&["NAME", "BROKER", "STATE", "LAST SEEN"], &rows));
+        print!(
+            "{}",
+            table::render(&["NAME", "BROKER", "STATE", "LAST SEEN"], &rows)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::{parse_data, As, Ctx};
-use crate::protocol::{Reply, Route};
+use crate::protocol::{Outgoing, Reply, Route};
 
 #[derive(Args, Debug)]
 pub struct SendArgs {
@@ -29,12 +29,23 @@ pub struct SendArgs {
 pub async fn run(ctx: Ctx, a: SendArgs) -> anyhow::Result<ExitCode> {
     let data = parse_data(a.data)?;
     let mut client = ctx.client_as(&a.who.name).await?;
-    let reply = client.send(&a.to, &a.text, data, a.reply_to, a.hold).await?;
+    let reply = client
+        .send(Outgoing {
+            to: a.to,
+            content: a.text,
+            data,
+            reply_to: a.reply_to,
+            hold: a.hold,
+            dedup_key: None,
+        })
+        .await?;
     if let Reply::Sent { id, route, .. } = reply {
         println!("{id}");
         match route {
             Route::Local { .. } => {}
-            Route::Forwarded { from, to } => eprintln!("note: {from} is now {to}; delivered to {to}"),
+            Route::Forwarded { from, to } => {
+                eprintln!("note: {from} is now {to}; delivered to {to}")
+            }
             Route::Held { to } => eprintln!("note: held for {to}, who has not registered yet"),
         }
     }

@@ -70,7 +70,10 @@ fn human(s: &StatusView) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table::render(&["ID", "ADDR", "STATE", "RTT", "OUTBOX"], &rows));
+        out.push_str(&table::render(
+            &["ID", "ADDR", "STATE", "RTT", "OUTBOX"],
+            &rows,
+        ));
     }
     out.push_str("\nagents\n");
     if s.agents.is_empty() {
@@ -88,7 +91,10 @@ fn human(s: &StatusView) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table::render(&["NAME", "BROKER", "STATE", "LAST SEEN"], &rows));
+        out.push_str(&table::render(
+            &["NAME", "BROKER", "STATE", "LAST SEEN"],
+            &rows,
+        ));
     }
     out.push_str("\ndelivery clock\n");
     for c in &s.clock {

@@ -77,6 +77,8 @@ pub mod keys {
     pub const READ: u8 = b'r';
     /// Agent records: `a` + name → encoded record.
     pub const AGENT: u8 = b'a';
+    /// Send dedup keys: `k` + sender + `\0` + key → encoded [`crate::broker::DedupEntry`].
+    pub const DEDUP: u8 = b'k';
 
     pub fn meta(field: &str) -> Vec<u8> {
         let mut k = vec![META];
@@ -106,6 +108,14 @@ pub mod keys {
         let name = std::str::from_utf8(&rest[..nul]).ok()?;
         let seq: [u8; 8] = rest.get(nul + 1..)?.try_into().ok()?;
         Some((name, u64::from_be_bytes(seq)))
+    }
+
+    pub fn dedup(sender: &AgentName, key: &str) -> Vec<u8> {
+        let mut k = vec![DEDUP];
+        k.extend_from_slice(sender.as_str().as_bytes());
+        k.push(0);
+        k.extend_from_slice(key.as_bytes());
+        k
     }
 
     pub fn agent(name: &AgentName) -> Vec<u8> {
