@@ -160,8 +160,27 @@ impl Connection {
         self.closed.is_cancelled()
     }
 
+    /// Completes when the connection is gone (the broker closed it, died, or [`close`] was
+    /// called), so a supervisor can react at once instead of polling [`is_closed`].
+    ///
+    /// [`close`]: Connection::close
+    /// [`is_closed`]: Connection::is_closed
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
     /// Sends one request and waits for its response.
     pub async fn call(&self, body: Body) -> Result<Reply> {
+        self.submit(body).await?.await
+    }
+
+    /// Queues one request and returns a future for its response. Requests go out in the order
+    /// `submit` calls complete, so a caller that awaits each `submit` before the next keeps
+    /// its requests in order while their responses are still outstanding (pipelining).
+    pub async fn submit(
+        &self,
+        body: Body,
+    ) -> Result<impl std::future::Future<Output = Result<Reply>> + Send + 'static> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (otx, orx) = oneshot::channel();
         if self.closed.is_cancelled() {
@@ -172,11 +191,13 @@ impl Connection {
             self.pending.lock().unwrap().remove(&id);
             return Err(Error::Disconnected);
         }
-        match orx.await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => Err(Error::Remote(e)),
-            Err(_) => Err(Error::Disconnected),
-        }
+        Ok(async move {
+            match orx.await {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(e)) => Err(Error::Remote(e)),
+                Err(_) => Err(Error::Disconnected),
+            }
+        })
     }
 
     /// Closes the connection; calls in flight fail with [`Error::Disconnected`].
@@ -187,7 +208,7 @@ impl Connection {
 
 /// Whether resending `body` after a lost connection is safe: it cannot deliver or mark
 /// anything twice.
-fn retry_safe(body: &Body) -> bool {
+pub fn retry_safe(body: &Body) -> bool {
     match body {
         Body::Ping | Body::Register { .. } | Body::List | Body::Status | Body::Ack { .. } => true,
         Body::Fetch { mark_read, .. } | Body::Wait { mark_read, .. } => !mark_read,
