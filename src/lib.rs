@@ -9,6 +9,7 @@
 //! - [`config`], [`home`]: the mesh config file and the home folder.
 //! - [`cli`]: the subcommands.
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -1,5 +1,6 @@
 //! The command line: arguments parsed into plain structs, then one file per command.
 
+mod bench;
 mod broadcast;
 mod broker;
 mod check;
@@ -66,6 +67,9 @@ pub enum Command {
     Health,
     /// Rename yourself; the old name forwards for a while and others are told
     Rename(rename::RenameArgs),
+    /// Load generator: throughput, latency and this machine's baseline
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// What every command has once the global flags are resolved.
@@ -136,6 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Status(a) => status::run(ctx, a).await,
         Command::Health => health::run(ctx).await,
         Command::Rename(a) => rename::run(ctx, a).await,
+        Command::Bench(a) => bench::run(ctx, a, cli.global.broker.is_some()).await,
     }
 }
 
