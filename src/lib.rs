@@ -7,6 +7,7 @@
 //! - [`protocol`]: the client ↔ broker requests and replies; [`connection`]: their framing.
 //! - [`storage`], [`inbox`], [`identity`]: what the broker keeps, and how.
 //! - [`config`], [`home`]: the mesh config file and the home folder.
+//! - [`mcp`]: the MCP stdio server assistants launch, with the democratic broker election.
 //! - [`cli`]: the subcommands.
 
 pub mod bench;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod home;
 pub mod identity;
 pub mod inbox;
+pub mod mcp;
 pub mod protocol;
 pub mod storage;
 

@@ -37,6 +37,9 @@ fn main() -> ExitCode {
 fn init_logging(command: &Command) {
     let default = match command {
         Command::Broker(_) => "info",
+        // Claude Code shows every stderr line of an MCP server as an error, and rmcp warns
+        // about every JSON-RPC error it sends: keep the MCP server quiet unless asked.
+        Command::Mcp(_) => "warn,rmcp=error",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

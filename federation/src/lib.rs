@@ -1,19 +1,26 @@
 //! Everything broker-to-broker in ipc-mesh, and the types both sides of any link share.
 //!
-//! For now this crate holds the vocabulary of the mesh:
-//!
-//! 1. [`id`]: agent names, broker ids and message dots, validated where they enter.
-//! 2. [`message`]: the message envelope as it is stored and sent.
-//! 3. [`clock`]: the per-origin delivery clock that deduplicates retransmissions.
-//! 4. [`wire`]: the framing every connection uses (hello with magic, version and role, then
-//!    length-delimited MessagePack frames of bounded size).
-//!
-//! The sans-IO mesh core (discovery, links, gossip, delivery) builds on these.
+//! 1. [`id`], [`message`], [`clock`], [`wire`]: the vocabulary (names, broker ids, dots, the
+//!    message envelope, the delivery clock, the hello that opens every connection).
+//! 2. [`node`]: the mesh as a synchronous state machine (events and time in, actions out):
+//!    discovery, links, the authenticated handshake ([`auth`]), heartbeats, and registry
+//!    gossip ([`registry`], over the messages of [`proto`]).
+//! 3. [`sim`]: a deterministic, seeded network of nodes in memory that can cut, delay, reorder
+//!    and drop, so mesh scenarios run in milliseconds.
+//! 4. [`transport`] and [`driver`]: the thin tokio layer that runs a node over real TCP (or the
+//!    in-memory transport), used by the broker.
 
+pub mod auth;
 pub mod clock;
+pub mod driver;
 pub mod error;
 pub mod id;
 pub mod message;
+pub mod node;
+pub mod proto;
+pub mod registry;
+pub mod sim;
+pub mod transport;
 pub mod wire;
 
 pub use clock::DeliveryClock;

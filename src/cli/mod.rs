@@ -6,6 +6,7 @@ mod broker;
 mod check;
 mod health;
 mod list;
+mod mcp;
 mod rename;
 mod send;
 mod status;
@@ -67,6 +68,8 @@ pub enum Command {
     Health,
     /// Rename yourself; the old name forwards for a while and others are told
     Rename(rename::RenameArgs),
+    /// MCP stdio server for one assistant; attaches to the broker, or becomes it
+    Mcp(mcp::McpArgs),
     /// Load generator: throughput, latency and this machine's baseline
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -140,6 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Status(a) => status::run(ctx, a).await,
         Command::Health => health::run(ctx).await,
         Command::Rename(a) => rename::run(ctx, a).await,
+        Command::Mcp(a) => mcp::run(ctx, a).await,
         Command::Bench(a) => bench::run(ctx, a, cli.global.broker.is_some()).await,
     }
 }

@@ -1,0 +1,1017 @@
+//! The mesh node: a synchronous state machine, one per broker, with no I/O of its own.
+//!
+//! The driver (the tokio loop in [`crate::driver`], or the simulator in [`crate::sim`]) feeds
+//! it [`Event`]s and the time, and carries out the [`Action`]s it returns:
+//!
+//! 1. `tick(now)`: dial the addresses it should (seeds, siblings, gossiped members) when their
+//!    backoff allows; send heartbeats and gossip digests on the links that are up; close links
+//!    that missed their heartbeats or handshakes; age out old registry entries.
+//! 2. `Connected`/`Accepted`: a new link starts its handshake (see [`crate::auth`]).
+//! 3. `Received`: handshake steps, heartbeats, digests (answered with deltas) and deltas
+//!    (applied, forwarded, and checked for names this broker lost).
+//! 4. `Closed`/`DialFailed`: the link is gone; the peer is down; a redial is scheduled.
+//! 5. `AgentChanged`/`AgentRemoved`: the broker's own agents, pushed to every peer at once.
+//!
+//! The dial rule: the broker with the lower id dials. Before ids are known (seeds), anyone
+//! dials; if two links to one peer come up, both sides keep the one whose dialer has the lower
+//! id (or, same dialer, the newer), so a pair ends with exactly one link. A higher-id broker
+//! dials a known lower-id peer only after that peer has been down for `yield_ms`, so a peer
+//! that does not know our address still gets a link.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::auth::{self, Nonce, Secret, Side};
+use crate::proto::{Member, PeerMsg};
+use crate::registry::{AgentEntry, Registry, Superseded};
+use crate::BrokerId;
+
+/// A connection, numbered by the driver.
+pub type ConnId = u64;
+
+/// Timers, in milliseconds. Defaults suit a LAN; tests shrink them.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    /// A link with nothing heard for this long is closed and its peer marked down.
+    pub failure_ms: u64,
+    pub gossip_ms: u64,
+    pub handshake_ms: u64,
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How long a higher-id broker waits for a lower-id peer to dial before dialing itself.
+    pub yield_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_ms: 500,
+            failure_ms: 3000,
+            gossip_ms: 1000,
+            handshake_ms: 5000,
+            backoff_min_ms: 100,
+            backoff_max_ms: 5000,
+            yield_ms: 3000,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: BrokerId,
+    /// What peers should dial to reach this broker.
+    pub advertise: String,
+    /// Addresses to dial from the start: configured peers, `--peer` flags.
+    pub seeds: Vec<String>,
+    /// Sibling brokers on this host: dialed like seeds, but not shown until they answer.
+    pub siblings: Vec<String>,
+    pub secret: Option<Secret>,
+    pub timing: Timing,
+    pub retention_ms: u64,
+    /// Seeds the node's randomness (nonces, jitter). Real brokers pass OS entropy.
+    pub rng_seed: u64,
+    /// The wall clock at start, in ms: the floor of this broker's registry versions.
+    pub started_ms: u64,
+}
+
+/// What happened, as the driver saw it.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A dial to `addr` connected.
+    Connected {
+        conn: ConnId,
+        addr: String,
+    },
+    DialFailed {
+        addr: String,
+        error: String,
+    },
+    /// Someone dialed us.
+    Accepted {
+        conn: ConnId,
+        remote: String,
+    },
+    Received {
+        conn: ConnId,
+        msg: PeerMsg,
+    },
+    /// The connection is gone (by the other side or the network).
+    Closed {
+        conn: ConnId,
+    },
+    /// One of this broker's agents changed (registered, came online, went offline).
+    AgentChanged {
+        name: String,
+        token_hash: Vec<u8>,
+        incarnation: u64,
+        online: bool,
+        last_seen_ms: u64,
+    },
+    /// One of this broker's agents is gone from here (renamed away, lapsed).
+    AgentRemoved {
+        name: String,
+    },
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Dial {
+        addr: String,
+    },
+    Send {
+        conn: ConnId,
+        msg: PeerMsg,
+    },
+    /// Close the connection. The node has already forgotten it; no `Closed` is needed.
+    Close {
+        conn: ConnId,
+        reason: String,
+    },
+    PeerUp {
+        id: BrokerId,
+        addr: String,
+    },
+    PeerDown {
+        id: BrokerId,
+        reason: String,
+    },
+    /// One of this broker's agents lost its name to another broker's entry.
+    Superseded(Superseded),
+    /// A link was refused (by us or by the peer): logged, and shown in status.
+    Refused {
+        addr: String,
+        reason: String,
+    },
+}
+
+/// A peer as `status` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerStatus {
+    pub id: Option<BrokerId>,
+    pub addr: String,
+    pub state: LinkState,
+    pub rtt_ms: Option<f64>,
+    /// Milliseconds since anything was heard on the link.
+    pub last_heard_ms: Option<u64>,
+    /// Why the last attempt was refused, if it was.
+    pub refused: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    Up,
+    Connecting,
+    Down,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Connecting => "connecting",
+            LinkState::Down => "down",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PeerInfo {
+    id: BrokerId,
+    boot: u64,
+    advertise: String,
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// Acceptor, before the dialer's hello.
+    AwaitHello,
+    /// Dialer, hello sent.
+    AwaitChallenge {
+        nonce: Nonce,
+    },
+    /// Acceptor, challenge sent.
+    AwaitProof {
+        peer: PeerInfo,
+        dialer_nonce: Nonce,
+        my_nonce: Nonce,
+    },
+    /// Dialer, proof sent.
+    AwaitReady {
+        peer: PeerInfo,
+    },
+    Up {
+        peer: PeerInfo,
+    },
+}
+
+#[derive(Debug)]
+struct Link {
+    /// The dialed address, or the remote socket address of an accepted link.
+    addr: String,
+    dialer: bool,
+    opened: u64,
+    last_heard: u64,
+    last_ping: u64,
+    last_gossip: u64,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Seed,
+    Sibling,
+    Gossip,
+}
+
+#[derive(Debug)]
+struct Addr {
+    id: Option<BrokerId>,
+    source: Source,
+    dialing: bool,
+    backoff: u64,
+    next_attempt: u64,
+    refused: Option<String>,
+    is_self: bool,
+    /// Answered at least once (siblings are listed only after that).
+    answered: bool,
+}
+
+#[derive(Debug)]
+struct Peer {
+    addr: String,
+    link: Option<ConnId>,
+    boot: u64,
+    rtt_ms: Option<f64>,
+    last_heard: Option<u64>,
+    down_since: u64,
+}
+
+/// Counters for status and benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    pub links_opened: u64,
+    pub links_closed: u64,
+    pub dials: u64,
+    pub refusals: u64,
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    boot: u64,
+    rng: StdRng,
+    links: BTreeMap<ConnId, Link>,
+    addrs: BTreeMap<String, Addr>,
+    peers: BTreeMap<BrokerId, Peer>,
+    registry: Registry,
+    stats: NodeStats,
+    last_age_out: u64,
+    out: Vec<Action>,
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig) -> Node {
+        let mut rng = StdRng::seed_from_u64(cfg.rng_seed);
+        let boot = rng.random();
+        let mut node = Node {
+            registry: Registry::new(cfg.id, cfg.started_ms.saturating_mul(1000)),
+            boot,
+            rng,
+            links: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            stats: NodeStats::default(),
+            last_age_out: 0,
+            out: Vec::new(),
+            cfg,
+        };
+        for s in node.cfg.seeds.clone() {
+            node.learn_addr(&s, None, Source::Seed);
+        }
+        for s in node.cfg.siblings.clone() {
+            node.learn_addr(&s, None, Source::Sibling);
+        }
+        node
+    }
+
+    pub fn id(&self) -> BrokerId {
+        self.cfg.id
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Adds a seed address at run time (e.g. `--peer`).
+    pub fn add_seed(&mut self, addr: &str) {
+        self.learn_addr(addr, None, Source::Seed);
+    }
+
+    /// The peers `status` lists: every broker known by id, and seeds not reached yet.
+    pub fn peer_status(&self, now: u64) -> Vec<PeerStatus> {
+        let mut out = Vec::new();
+        for (id, p) in &self.peers {
+            let addr_state = self.addrs.get(&p.addr);
+            let connecting = addr_state.is_some_and(|a| a.dialing)
+                || self.links.values().any(|l| {
+                    matches!(&l.stage, Stage::AwaitReady { peer } | Stage::AwaitProof { peer, .. } if peer.id == *id)
+                });
+            out.push(PeerStatus {
+                id: Some(*id),
+                addr: p.addr.clone(),
+                state: if p.link.is_some() {
+                    LinkState::Up
+                } else if connecting {
+                    LinkState::Connecting
+                } else {
+                    LinkState::Down
+                },
+                rtt_ms: p.rtt_ms,
+                last_heard_ms: p.last_heard.map(|t| now.saturating_sub(t)),
+                refused: if p.link.is_some() {
+                    None
+                } else {
+                    addr_state.and_then(|a| a.refused.clone())
+                },
+            });
+        }
+        for (addr, a) in &self.addrs {
+            let listed = a.id.is_some_and(|id| self.peers.contains_key(&id));
+            let worth_showing = a.source == Source::Seed || a.answered || a.refused.is_some();
+            if a.is_self || listed || !worth_showing {
+                continue;
+            }
+            out.push(PeerStatus {
+                id: a.id,
+                addr: addr.clone(),
+                state: if a.dialing {
+                    LinkState::Connecting
+                } else {
+                    LinkState::Down
+                },
+                rtt_ms: None,
+                last_heard_ms: None,
+                refused: a.refused.clone(),
+            });
+        }
+        out
+    }
+
+    /// Ids of the peers with a link up now.
+    pub fn up_peers(&self) -> Vec<BrokerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.link.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Advances timers.
+    pub fn tick(&mut self, now: u64) -> Vec<Action> {
+        self.dial_due(now);
+        let t = self.cfg.timing.clone();
+        let mut to_close = Vec::new();
+        let mut pings = Vec::new();
+        let mut gossip = Vec::new();
+        for (conn, l) in &mut self.links {
+            match l.stage {
+                Stage::Up { .. } => {
+                    if now.saturating_sub(l.last_heard) > t.failure_ms {
+                        to_close.push((*conn, "no heartbeat".to_string()));
+                        continue;
+                    }
+                    if now.saturating_sub(l.last_ping) >= t.heartbeat_ms {
+                        l.last_ping = now;
+                        pings.push(*conn);
+                    }
+                    if now.saturating_sub(l.last_gossip) >= t.gossip_ms {
+                        l.last_gossip = now;
+                        gossip.push(*conn);
+                    }
+                }
+                _ => {
+                    if now.saturating_sub(l.opened) > t.handshake_ms {
+                        to_close.push((*conn, "handshake timed out".to_string()));
+                    }
+                }
+            }
+        }
+        for (conn, reason) in to_close {
+            self.close(now, conn, &reason);
+        }
+        for conn in pings {
+            self.send(conn, PeerMsg::Ping { t: now });
+        }
+        for conn in gossip {
+            let d = self.digest();
+            self.send(conn, d);
+        }
+        if now.saturating_sub(self.last_age_out) >= t.gossip_ms {
+            self.last_age_out = now;
+            self.registry.age_out(now, self.cfg.retention_ms);
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// Handles one event.
+    pub fn step(&mut self, now: u64, event: Event) -> Vec<Action> {
+        match event {
+            Event::Connected { conn, addr } => {
+                if let Some(a) = self.addrs.get_mut(&addr) {
+                    a.dialing = false;
+                }
+                let nonce: Nonce = self.rng.random();
+                self.links.insert(
+                    conn,
+                    Link {
+                        addr,
+                        dialer: true,
+                        opened: now,
+                        last_heard: now,
+                        last_ping: now,
+                        last_gossip: now,
+                        stage: Stage::AwaitChallenge { nonce },
+                    },
+                );
+                self.stats.links_opened += 1;
+                let hello = PeerMsg::Hello {
+                    id: self.cfg.id,
+                    boot: self.boot,
+                    advertise: self.cfg.advertise.clone(),
+                    nonce: nonce.to_vec(),
+                    secured: self.cfg.secret.is_some(),
+                };
+                self.send(conn, hello);
+            }
+            Event::DialFailed { addr, error: _ } => self.dial_failed(now, &addr),
+            Event::Accepted { conn, remote } => {
+                self.links.insert(
+                    conn,
+                    Link {
+                        addr: remote,
+                        dialer: false,
+                        opened: now,
+                        last_heard: now,
+                        last_ping: now,
+                        last_gossip: now,
+                        stage: Stage::AwaitHello,
+                    },
+                );
+                self.stats.links_opened += 1;
+            }
+            Event::Received { conn, msg } => self.received(now, conn, msg),
+            Event::Closed { conn } => self.forget_link(now, conn, "connection closed"),
+            Event::AgentChanged {
+                name,
+                token_hash,
+                incarnation,
+                online,
+                last_seen_ms,
+            } => {
+                let e = self.registry.upsert_local(
+                    &name,
+                    token_hash,
+                    incarnation,
+                    online,
+                    last_seen_ms,
+                );
+                self.broadcast_delta(vec![e], None);
+            }
+            Event::AgentRemoved { name } => {
+                if let Some(e) = self.registry.remove_local(&name, now) {
+                    self.broadcast_delta(vec![e], None);
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn send(&mut self, conn: ConnId, msg: PeerMsg) {
+        self.out.push(Action::Send { conn, msg });
+    }
+
+    fn digest(&self) -> PeerMsg {
+        let mut members: Vec<Member> = self
+            .peers
+            .iter()
+            .map(|(id, p)| Member {
+                id: *id,
+                addr: p.addr.clone(),
+            })
+            .collect();
+        members.push(Member {
+            id: self.cfg.id,
+            addr: self.cfg.advertise.clone(),
+        });
+        PeerMsg::Digest {
+            members,
+            versions: self.registry.digest(),
+        }
+    }
+
+    fn learn_addr(&mut self, addr: &str, id: Option<BrokerId>, source: Source) {
+        if addr == self.cfg.advertise {
+            return;
+        }
+        let min = self.cfg.timing.backoff_min_ms;
+        let a = self.addrs.entry(addr.to_string()).or_insert(Addr {
+            id,
+            source,
+            dialing: false,
+            backoff: min,
+            next_attempt: 0,
+            refused: None,
+            is_self: false,
+            answered: false,
+        });
+        if id.is_some() {
+            a.id = id;
+        }
+        if source == Source::Seed {
+            a.source = Source::Seed;
+        }
+    }
+
+    /// Starts the dials that are due.
+    fn dial_due(&mut self, now: u64) {
+        let me = self.cfg.id;
+        let yield_ms = self.cfg.timing.yield_ms;
+        let mut due = Vec::new();
+        for (addr, a) in &self.addrs {
+            if a.is_self || a.dialing || a.next_attempt > now {
+                continue;
+            }
+            let ok = match a.id {
+                None => true,
+                Some(id) => match self.peers.get(&id) {
+                    Some(p) if p.link.is_some() => false,
+                    Some(p) if p.addr != *addr => false,
+                    Some(p) => me < id || now.saturating_sub(p.down_since) >= yield_ms,
+                    None => true,
+                },
+            };
+            // Not while a handshake with that address is already under way.
+            let busy = self
+                .links
+                .values()
+                .any(|l| l.addr == *addr && !matches!(l.stage, Stage::Up { .. }));
+            if ok && !busy {
+                due.push(addr.clone());
+            }
+        }
+        for addr in due {
+            if let Some(a) = self.addrs.get_mut(&addr) {
+                a.dialing = true;
+            }
+            self.stats.dials += 1;
+            self.out.push(Action::Dial { addr });
+        }
+    }
+
+    fn dial_failed(&mut self, now: u64, addr: &str) {
+        let (min, max) = (
+            self.cfg.timing.backoff_min_ms,
+            self.cfg.timing.backoff_max_ms,
+        );
+        let jitter: f64 = self.rng.random_range(0.5..1.5);
+        if let Some(a) = self.addrs.get_mut(addr) {
+            a.dialing = false;
+            a.next_attempt = now + (a.backoff as f64 * jitter) as u64;
+            a.backoff = (a.backoff * 2).clamp(min, max);
+        }
+    }
+
+    fn received(&mut self, now: u64, conn: ConnId, msg: PeerMsg) {
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        link.last_heard = now;
+        let stage = std::mem::replace(&mut link.stage, Stage::AwaitHello);
+        let dialed_addr = link.addr.clone();
+        match (stage, msg) {
+            (_, PeerMsg::Refused { reason }) => {
+                self.note_refusal(
+                    &dialed_addr,
+                    None,
+                    &format!("refused by the peer: {reason}"),
+                );
+                self.close_quietly(now, conn);
+                self.dial_failed(now, &dialed_addr);
+            }
+            (
+                Stage::AwaitHello,
+                PeerMsg::Hello {
+                    id,
+                    boot,
+                    advertise,
+                    nonce,
+                    secured,
+                },
+            ) => {
+                if id == self.cfg.id {
+                    self.refuse(now, conn, &advertise, Some(id), "connected to itself");
+                    return;
+                }
+                let Ok(dialer_nonce) = <Nonce>::try_from(nonce.as_slice()) else {
+                    self.refuse(now, conn, &advertise, Some(id), "malformed nonce");
+                    return;
+                };
+                if let Some(reason) = self.secret_mismatch(secured) {
+                    self.refuse(now, conn, &advertise, Some(id), &reason);
+                    return;
+                }
+                let my_nonce: Nonce = self.rng.random();
+                let proof = match &self.cfg.secret {
+                    Some(s) => {
+                        auth::proof(s, Side::Acceptor, &dialer_nonce, &my_nonce, id, self.cfg.id)
+                    }
+                    None => Vec::new(),
+                };
+                let challenge = PeerMsg::Challenge {
+                    id: self.cfg.id,
+                    boot: self.boot,
+                    advertise: self.cfg.advertise.clone(),
+                    nonce: my_nonce.to_vec(),
+                    secured: self.cfg.secret.is_some(),
+                    proof,
+                };
+                self.set_stage(
+                    conn,
+                    Stage::AwaitProof {
+                        peer: PeerInfo {
+                            id,
+                            boot,
+                            advertise,
+                        },
+                        dialer_nonce,
+                        my_nonce,
+                    },
+                );
+                self.send(conn, challenge);
+            }
+            (
+                Stage::AwaitChallenge { nonce: my_nonce },
+                PeerMsg::Challenge {
+                    id,
+                    boot,
+                    advertise,
+                    nonce,
+                    secured,
+                    proof,
+                },
+            ) => {
+                if id == self.cfg.id {
+                    if let Some(a) = self.addrs.get_mut(&dialed_addr) {
+                        a.is_self = true;
+                    }
+                    self.close(now, conn, "connected to itself");
+                    return;
+                }
+                if let Some(a) = self.addrs.get_mut(&dialed_addr) {
+                    a.id = Some(id);
+                    a.answered = true;
+                }
+                let Ok(their_nonce) = <Nonce>::try_from(nonce.as_slice()) else {
+                    self.refuse(now, conn, &dialed_addr, Some(id), "malformed nonce");
+                    return;
+                };
+                if let Some(reason) = self.secret_mismatch(secured) {
+                    self.refuse(now, conn, &dialed_addr, Some(id), &reason);
+                    return;
+                }
+                let my_proof = match &self.cfg.secret {
+                    Some(s) => {
+                        if !auth::verify(
+                            s,
+                            Side::Acceptor,
+                            &my_nonce,
+                            &their_nonce,
+                            self.cfg.id,
+                            id,
+                            &proof,
+                        ) {
+                            self.refuse(
+                                now,
+                                conn,
+                                &dialed_addr,
+                                Some(id),
+                                "the peer could not prove it knows the mesh secret (wrong secret?)",
+                            );
+                            return;
+                        }
+                        auth::proof(s, Side::Dialer, &my_nonce, &their_nonce, self.cfg.id, id)
+                    }
+                    None => Vec::new(),
+                };
+                self.set_stage(
+                    conn,
+                    Stage::AwaitReady {
+                        peer: PeerInfo {
+                            id,
+                            boot,
+                            advertise,
+                        },
+                    },
+                );
+                self.send(conn, PeerMsg::Proof { proof: my_proof });
+            }
+            (
+                Stage::AwaitProof {
+                    peer,
+                    dialer_nonce,
+                    my_nonce,
+                },
+                PeerMsg::Proof { proof },
+            ) => {
+                if let Some(s) = &self.cfg.secret {
+                    if !auth::verify(
+                        s,
+                        Side::Dialer,
+                        &dialer_nonce,
+                        &my_nonce,
+                        peer.id,
+                        self.cfg.id,
+                        &proof,
+                    ) {
+                        let adv = peer.advertise.clone();
+                        self.refuse(
+                            now,
+                            conn,
+                            &adv,
+                            Some(peer.id),
+                            "the peer could not prove it knows the mesh secret (wrong secret?)",
+                        );
+                        return;
+                    }
+                }
+                self.send(conn, PeerMsg::Ready);
+                self.link_up(now, conn, peer);
+            }
+            (Stage::AwaitReady { peer }, PeerMsg::Ready) => self.link_up(now, conn, peer),
+            (stage @ Stage::Up { .. }, msg) => {
+                self.set_stage(conn, stage);
+                self.on_link_msg(now, conn, msg);
+            }
+            (_, msg) => {
+                let reason = format!(
+                    "protocol violation: unexpected {} during the handshake",
+                    msg.kind()
+                );
+                let addr = dialed_addr.clone();
+                self.refuse(now, conn, &addr, None, &reason);
+            }
+        }
+    }
+
+    fn set_stage(&mut self, conn: ConnId, stage: Stage) {
+        if let Some(l) = self.links.get_mut(&conn) {
+            l.stage = stage;
+        }
+    }
+
+    /// Why a link cannot be authenticated, when one side has a secret and the other does not.
+    fn secret_mismatch(&self, peer_secured: bool) -> Option<String> {
+        match (self.cfg.secret.is_some(), peer_secured) {
+            (true, false) => Some("the peer has no mesh secret; this mesh requires one".into()),
+            (false, true) => {
+                Some("the peer requires a mesh secret and this broker has none".into())
+            }
+            _ => None,
+        }
+    }
+
+    fn note_refusal(&mut self, addr: &str, id: Option<BrokerId>, reason: &str) {
+        self.stats.refusals += 1;
+        if !addr.is_empty() {
+            self.learn_addr(addr, id, Source::Gossip);
+            if let Some(a) = self.addrs.get_mut(addr) {
+                a.refused = Some(reason.to_string());
+                a.answered = true;
+            }
+        }
+        self.out.push(Action::Refused {
+            addr: addr.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Refuses a link: tells the peer why, records it for status, closes.
+    fn refuse(&mut self, now: u64, conn: ConnId, addr: &str, id: Option<BrokerId>, reason: &str) {
+        self.send(
+            conn,
+            PeerMsg::Refused {
+                reason: reason.to_string(),
+            },
+        );
+        self.note_refusal(addr, id, reason);
+        let dialer = self.links.get(&conn).is_some_and(|l| l.dialer);
+        let dialed = self.links.get(&conn).map(|l| l.addr.clone());
+        self.close(now, conn, reason);
+        if dialer {
+            if let Some(d) = dialed {
+                self.dial_failed(now, &d);
+            }
+        }
+    }
+
+    fn link_up(&mut self, now: u64, conn: ConnId, peer: PeerInfo) {
+        let me = self.cfg.id;
+        let Some(link) = self.links.get(&conn) else {
+            return;
+        };
+        let new_dialer = if link.dialer { me } else { peer.id };
+        let dialed_addr = link.dialer.then(|| link.addr.clone());
+        if let Some(old) = self.peers.get(&peer.id).and_then(|p| p.link) {
+            if old != conn {
+                let same_boot = self.peers[&peer.id].boot == peer.boot;
+                let old_dialer = match self.links.get(&old) {
+                    Some(l) if l.dialer => me,
+                    _ => peer.id,
+                };
+                // The lower dialer's link wins; with the same dialer (or a restarted peer),
+                // the newer link does.
+                let keep_old = same_boot && old_dialer < new_dialer;
+                if keep_old {
+                    self.close(now, conn, "duplicate link");
+                    return;
+                }
+                self.close(now, old, "replaced by a newer link");
+            }
+        }
+        if let Some(l) = self.links.get_mut(&conn) {
+            l.stage = Stage::Up { peer: peer.clone() };
+            l.last_gossip = now;
+        }
+        self.learn_addr(&peer.advertise, Some(peer.id), Source::Gossip);
+        for a in [Some(peer.advertise.clone()), dialed_addr]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(a) = self.addrs.get_mut(&a) {
+                a.id = Some(peer.id);
+                a.backoff = self.cfg.timing.backoff_min_ms;
+                a.refused = None;
+                a.answered = true;
+                a.dialing = false;
+            }
+        }
+        let p = self.peers.entry(peer.id).or_insert(Peer {
+            addr: peer.advertise.clone(),
+            link: None,
+            boot: peer.boot,
+            rtt_ms: None,
+            last_heard: None,
+            down_since: now,
+        });
+        p.addr = peer.advertise.clone();
+        p.link = Some(conn);
+        p.boot = peer.boot;
+        p.last_heard = Some(now);
+        self.out.push(Action::PeerUp {
+            id: peer.id,
+            addr: peer.advertise,
+        });
+        let d = self.digest();
+        self.send(conn, d);
+    }
+
+    fn on_link_msg(&mut self, now: u64, conn: ConnId, msg: PeerMsg) {
+        let Some(peer) = self.peer_of(conn) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_heard = Some(now);
+        }
+        match msg {
+            PeerMsg::Ping { t } => self.send(conn, PeerMsg::Pong { t }),
+            PeerMsg::Pong { t } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.rtt_ms = Some(now.saturating_sub(t) as f64);
+                }
+            }
+            PeerMsg::Digest { members, versions } => {
+                for m in members {
+                    self.learn_member(m);
+                }
+                let entries = self.registry.delta_since(&versions);
+                if !entries.is_empty() {
+                    self.send(conn, PeerMsg::Delta { entries });
+                }
+            }
+            PeerMsg::Delta { entries } => {
+                let changed = self.registry.apply(entries);
+                if changed.is_empty() {
+                    return;
+                }
+                self.broadcast_delta(changed, Some(conn));
+                let (lost, tombstones) = self.registry.take_superseded(now);
+                for s in lost {
+                    self.out.push(Action::Superseded(s));
+                }
+                if !tombstones.is_empty() {
+                    self.broadcast_delta(tombstones, None);
+                }
+            }
+            other => {
+                let reason = format!(
+                    "protocol violation: {} on an established link",
+                    other.kind()
+                );
+                self.close(now, conn, &reason);
+            }
+        }
+    }
+
+    /// A broker someone gossiped: remember where to dial it.
+    fn learn_member(&mut self, m: Member) {
+        if m.id == self.cfg.id {
+            return;
+        }
+        if let Some(p) = self.peers.get_mut(&m.id) {
+            if p.addr != m.addr && p.link.is_none() {
+                // It moved (restarted on a new address): forget the old address unless
+                // someone configured it.
+                let old = std::mem::replace(&mut p.addr, m.addr.clone());
+                if self
+                    .addrs
+                    .get(&old)
+                    .is_some_and(|a| a.source != Source::Seed)
+                {
+                    self.addrs.remove(&old);
+                }
+            }
+        }
+        self.learn_addr(&m.addr, Some(m.id), Source::Gossip);
+    }
+
+    /// Sends entries to every peer that is up, except `skip`.
+    fn broadcast_delta(&mut self, entries: Vec<AgentEntry>, skip: Option<ConnId>) {
+        let conns: Vec<ConnId> = self
+            .peers
+            .values()
+            .filter_map(|p| p.link)
+            .filter(|c| Some(*c) != skip)
+            .collect();
+        for conn in conns {
+            self.send(
+                conn,
+                PeerMsg::Delta {
+                    entries: entries.clone(),
+                },
+            );
+        }
+    }
+
+    fn peer_of(&self, conn: ConnId) -> Option<BrokerId> {
+        match &self.links.get(&conn)?.stage {
+            Stage::Up { peer } => Some(peer.id),
+            _ => None,
+        }
+    }
+
+    /// Closes a link we decided to close.
+    fn close(&mut self, now: u64, conn: ConnId, reason: &str) {
+        if self.links.contains_key(&conn) {
+            self.out.push(Action::Close {
+                conn,
+                reason: reason.to_string(),
+            });
+            self.forget_link(now, conn, reason);
+        }
+    }
+
+    /// Closes without telling the peer anything more (it refused us).
+    fn close_quietly(&mut self, now: u64, conn: ConnId) {
+        self.close(now, conn, "refused");
+    }
+
+    fn forget_link(&mut self, now: u64, conn: ConnId, reason: &str) {
+        let Some(link) = self.links.remove(&conn) else {
+            return;
+        };
+        self.stats.links_closed += 1;
+        match link.stage {
+            Stage::Up { peer } => {
+                if let Some(p) = self.peers.get_mut(&peer.id) {
+                    if p.link == Some(conn) {
+                        p.link = None;
+                        p.down_since = now;
+                        self.out.push(Action::PeerDown {
+                            id: peer.id,
+                            reason: reason.to_string(),
+                        });
+                    }
+                }
+            }
+            _ if link.dialer => self.dial_failed(now, &link.addr),
+            _ => {}
+        }
+    }
+}
