@@ -55,10 +55,13 @@ impl Dialer for TcpDialer {
     }
 }
 
+/// Where a listener of the in-memory network receives its connections (and who dialed).
+type Acceptor = mpsc::Sender<(BoxStream, String)>;
+
 /// An in-memory network: listeners by address, connections as in-process pipes.
 #[derive(Clone, Default)]
 pub struct MemNetwork {
-    listeners: Arc<Mutex<std::collections::HashMap<String, mpsc::Sender<(BoxStream, String)>>>>,
+    listeners: Arc<Mutex<std::collections::HashMap<String, Acceptor>>>,
 }
 
 impl MemNetwork {
