@@ -1015,3 +1015,137 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u32, secret: &str, seed: u64) -> Node {
+        Node::new(NodeConfig {
+            id: BrokerId::from_u32(id),
+            advertise: format!("n{id}:1"),
+            seeds: Vec::new(),
+            siblings: Vec::new(),
+            secret: Some(Secret::new(secret.as_bytes().to_vec()).unwrap()),
+            timing: Timing::default(),
+            retention_ms: 1_000_000,
+            rng_seed: seed,
+            started_ms: 0,
+        })
+    }
+
+    fn sent(actions: &[Action]) -> Vec<PeerMsg> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { msg, .. } => Some(msg.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_recorded_handshake_cannot_be_replayed() {
+        let secret = "shared secret of sixteen+ bytes";
+        let mut acceptor = node(1, secret, 1);
+        let mut dialer = node(2, secret, 2);
+
+        // A genuine handshake, recorded.
+        let hello = sent(&dialer.step(
+            0,
+            Event::Connected {
+                conn: 1,
+                addr: "n1:1".into(),
+            },
+        ));
+        acceptor.step(
+            0,
+            Event::Accepted {
+                conn: 1,
+                remote: "x".into(),
+            },
+        );
+        let challenge = sent(&acceptor.step(
+            0,
+            Event::Received {
+                conn: 1,
+                msg: hello[0].clone(),
+            },
+        ));
+        let proof = sent(&dialer.step(
+            0,
+            Event::Received {
+                conn: 1,
+                msg: challenge[0].clone(),
+            },
+        ));
+        let ready = acceptor.step(
+            0,
+            Event::Received {
+                conn: 1,
+                msg: proof[0].clone(),
+            },
+        );
+        assert!(
+            ready.iter().any(|a| matches!(a, Action::PeerUp { .. })),
+            "the genuine one works"
+        );
+
+        // The same bytes replayed on a new connection: the acceptor's nonce is new, so the
+        // recorded proof does not match.
+        acceptor.step(
+            1,
+            Event::Accepted {
+                conn: 2,
+                remote: "attacker".into(),
+            },
+        );
+        acceptor.step(
+            1,
+            Event::Received {
+                conn: 2,
+                msg: hello[0].clone(),
+            },
+        );
+        let out = acceptor.step(
+            1,
+            Event::Received {
+                conn: 2,
+                msg: proof[0].clone(),
+            },
+        );
+        assert!(
+            sent(&out)
+                .iter()
+                .any(|m| matches!(m, PeerMsg::Refused { .. })),
+            "{out:?}"
+        );
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Close { conn: 2, .. })));
+        assert!(!out.iter().any(|a| matches!(a, Action::PeerUp { .. })));
+
+        // Replaying the acceptor's recorded challenge to a dialer fails the same way.
+        let mut dialer2 = node(3, secret, 3);
+        dialer2.step(
+            2,
+            Event::Connected {
+                conn: 9,
+                addr: "n1:1".into(),
+            },
+        );
+        let out = dialer2.step(
+            2,
+            Event::Received {
+                conn: 9,
+                msg: challenge[0].clone(),
+            },
+        );
+        assert!(
+            sent(&out)
+                .iter()
+                .any(|m| matches!(m, PeerMsg::Refused { .. })),
+            "{out:?}"
+        );
+    }
+}
