@@ -34,10 +34,14 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
     let acked_count = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for s in 0..SENDERS {
-        let (addr, h, acked, acked_count) = (addr.clone(), h.clone(), acked.clone(), acked_count.clone());
+        let (addr, h, acked, acked_count) =
+            (addr.clone(), h.clone(), acked.clone(), acked_count.clone());
         tasks.push(tokio::spawn(async move {
             let mut client = Client::connect(&addr).await.unwrap();
-            client.register_as(&AgentName::new(format!("sender{s}")).unwrap(), &h).await.unwrap();
+            client
+                .register_as(&AgentName::new(format!("sender{s}")).unwrap(), &h)
+                .await
+                .unwrap();
             // Use the raw pipelined connection: after the kill, calls fail instead of retrying.
             let conn: Connection = client.connection().clone();
             let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
@@ -50,7 +54,9 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
                     ..Default::default()
                 });
                 // Submitted in order; the replies are awaited concurrently.
-                let Ok(reply) = conn.submit(body).await else { break };
+                let Ok(reply) = conn.submit(body).await else {
+                    break;
+                };
                 let (acked, acked_count) = (acked.clone(), acked_count.clone());
                 inflight.push(tokio::spawn(async move {
                     if let Ok(Reply::Sent { id, .. }) = reply.await {
@@ -69,7 +75,10 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
     // Kill the broker mid-stream.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while acked_count.load(Ordering::SeqCst) < (SENDERS * PER_SENDER) / 3 {
-        assert!(tokio::time::Instant::now() < deadline, "sends never got going");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sends never got going"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     broker.kill9();
@@ -97,11 +106,25 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
     for m in &delivered {
         *seen_ids.entry(m.id.clone()).or_insert(0) += 1;
     }
-    assert!(seen_ids.values().all(|n| *n == 1), "a message was delivered twice");
-    let missing: Vec<_> = acked.iter().filter(|(_, _, id)| !seen_ids.contains_key(id)).collect();
-    assert!(missing.is_empty(), "{} acknowledged messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        seen_ids.values().all(|n| *n == 1),
+        "a message was delivered twice"
+    );
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|(_, _, id)| !seen_ids.contains_key(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     // ...with the content it was sent with...
-    let by_id: HashMap<&str, &str> = delivered.iter().map(|m| (m.id.as_str(), m.content.as_str())).collect();
+    let by_id: HashMap<&str, &str> = delivered
+        .iter()
+        .map(|m| (m.id.as_str(), m.content.as_str()))
+        .collect();
     for (s, i, id) in &acked {
         assert_eq!(by_id[id.as_str()], format!("s{s}-{i:05}"));
     }
@@ -114,6 +137,10 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
         if let Some(prev) = last.insert(s.to_string(), i) {
             assert!(i > prev, "{s}: {i} after {prev}");
         }
-        assert!(contents.insert(m.content.clone()), "content {} twice", m.content);
+        assert!(
+            contents.insert(m.content.clone()),
+            "content {} twice",
+            m.content
+        );
     }
 }

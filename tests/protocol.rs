@@ -75,7 +75,9 @@ async fn errors_until_close(s: &mut TcpStream) -> Vec<Response> {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), read).await.expect("broker closed the connection");
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("broker closed the connection");
     out
 }
 
@@ -112,7 +114,10 @@ async fn pipelined_replies_match_their_requests() {
     let (msgs, _) = bob.fetch(false, 1000).await.unwrap();
     assert_eq!(msgs.len(), 100);
     for m in msgs {
-        assert_eq!(sent[&m.id], m.content, "reply id matched to the wrong request");
+        assert_eq!(
+            sent[&m.id], m.content,
+            "reply id matched to the wrong request"
+        );
     }
     b.stop().await;
 }
@@ -125,23 +130,38 @@ async fn bad_input_gets_clear_errors_and_others_are_served() {
 
     // Random bytes instead of a hello.
     let mut s = TcpStream::connect(&b.addr).await.unwrap();
-    s.write_all(&[0, 0, 0, 3, 0xde, 0xad, 0xbe, 0x0f, 0x13]).await.unwrap();
+    s.write_all(&[0, 0, 0, 3, 0xde, 0xad, 0xbe, 0x0f, 0x13])
+        .await
+        .unwrap();
     let errs = errors_until_close(&mut s).await;
-    assert_eq!(errs[0].result.as_ref().unwrap_err().kind, ErrorKind::Protocol);
+    assert_eq!(
+        errs[0].result.as_ref().unwrap_err().kind,
+        ErrorKind::Protocol
+    );
     served(good.call(Body::Ping).await);
 
     // Wrong magic.
     let mut s = TcpStream::connect(&b.addr).await.unwrap();
     write_frame(&mut s, b"NOPE\x00\x01\x01").await;
     let errs = errors_until_close(&mut s).await;
-    assert!(errs[0].result.as_ref().unwrap_err().message.contains("magic"));
+    assert!(errs[0]
+        .result
+        .as_ref()
+        .unwrap_err()
+        .message
+        .contains("magic"));
     served(good.call(Body::Ping).await);
 
     // A 4 GiB length prefix after a good hello: refused from the prefix, not buffered.
     let mut s = raw(&b.addr).await;
-    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await.unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
     let errs = errors_until_close(&mut s).await;
-    assert_eq!(errs[0].result.as_ref().unwrap_err().kind, ErrorKind::TooLarge);
+    assert_eq!(
+        errs[0].result.as_ref().unwrap_err().kind,
+        ErrorKind::TooLarge
+    );
     served(good.call(Body::Ping).await);
 
     // An unknown request kind: an error for that id, and the connection keeps working.
@@ -151,11 +171,25 @@ async fn bad_input_gets_clear_errors_and_others_are_served() {
         id: u64,
         body: &'static str,
     }
-    write_frame(&mut s, &wire::encode(&Unknown { id: 7, body: "Teleport" })).await;
+    write_frame(
+        &mut s,
+        &wire::encode(&Unknown {
+            id: 7,
+            body: "Teleport",
+        }),
+    )
+    .await;
     let r: Response = wire::decode(&read_frame(&mut s).await.unwrap()).unwrap();
     assert_eq!(r.id, 7);
     assert_eq!(r.result.unwrap_err().kind, ErrorKind::InvalidInput);
-    write_frame(&mut s, &wire::encode(&ipc_mesh::protocol::Request { id: 8, body: Body::Ping })).await;
+    write_frame(
+        &mut s,
+        &wire::encode(&ipc_mesh::protocol::Request {
+            id: 8,
+            body: Body::Ping,
+        }),
+    )
+    .await;
     let r: Response = wire::decode(&read_frame(&mut s).await.unwrap()).unwrap();
     assert_eq!(r.id, 8);
     assert!(r.result.is_ok());
@@ -163,19 +197,41 @@ async fn bad_input_gets_clear_errors_and_others_are_served() {
     // Garbage after the hello: a protocol error and a close.
     write_frame(&mut s, &[0xc1, 0xc1, 0xc1]).await;
     let errs = errors_until_close(&mut s).await;
-    assert_eq!(errs[0].result.as_ref().unwrap_err().kind, ErrorKind::Protocol);
+    assert_eq!(
+        errs[0].result.as_ref().unwrap_err().kind,
+        ErrorKind::Protocol
+    );
 
     // Invalid names, and a message over the limit.
     let mut c = Client::connect(&b.addr).await.unwrap();
     for bad in ["", "has space", &"x".repeat(33), "ünï", "a/b"] {
-        let r = c.call(Body::Register { name: bad.to_string(), token: None }).await;
+        let r = c
+            .call(Body::Register {
+                name: bad.to_string(),
+                token: None,
+            })
+            .await;
         assert_eq!(kind(r), ErrorKind::InvalidInput, "{bad:?}");
     }
     c.register(&name("ok"), None).await.unwrap();
     let big = "x".repeat(256 * 1024 + 1);
     assert_eq!(kind(c.call(send("good", &big)).await), ErrorKind::TooLarge);
-    assert_eq!(kind(c.call(Body::Send(Outgoing { to: "good".into(), content: "x".into(), data: Some("[1]".into()), ..Default::default() })).await), ErrorKind::InvalidInput);
-    assert_eq!(kind(c.call(send("bad name", "x")).await), ErrorKind::InvalidInput);
+    assert_eq!(
+        kind(
+            c.call(Body::Send(Outgoing {
+                to: "good".into(),
+                content: "x".into(),
+                data: Some("[1]".into()),
+                ..Default::default()
+            }))
+            .await
+        ),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(c.call(send("bad name", "x")).await),
+        ErrorKind::InvalidInput
+    );
 
     // Nothing was stored by any of it.
     let (msgs, unread) = good.fetch(false, 100).await.unwrap();
@@ -192,7 +248,10 @@ async fn a_frame_just_over_the_limit_is_refused() {
     len.put_u32((256 * 1024 + 64 * 1024 + 1) as u32);
     s.write_all(&len).await.unwrap();
     let errs = errors_until_close(&mut s).await;
-    assert_eq!(errs[0].result.as_ref().unwrap_err().kind, ErrorKind::TooLarge);
+    assert_eq!(
+        errs[0].result.as_ref().unwrap_err().kind,
+        ErrorKind::TooLarge
+    );
     b.stop().await;
 }
 
@@ -200,9 +259,14 @@ async fn a_frame_just_over_the_limit_is_refused() {
 async fn legacy_json_clients_are_told_what_they_reached() {
     let b = InProc::start().await;
     let mut s = TcpStream::connect(&b.addr).await.unwrap();
-    s.write_all(br#"{"action": "register", "instance_id": "old"}"#).await.unwrap();
+    s.write_all(br#"{"action": "register", "instance_id": "old"}"#)
+        .await
+        .unwrap();
     let mut reply = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(v["status"], "error");
     assert!(v["message"].as_str().unwrap().contains("ipc-mesh"));
@@ -213,7 +277,17 @@ async fn legacy_json_clients_are_told_what_they_reached() {
 async fn requests_before_registering_are_refused() {
     let b = InProc::start().await;
     let mut c = Client::connect(&b.addr).await.unwrap();
-    for body in [send("x", "y"), Body::Fetch { include_read: false, limit: 1, mark_read: false }, Body::Rename { new_name: "z".into() }] {
+    for body in [
+        send("x", "y"),
+        Body::Fetch {
+            include_read: false,
+            limit: 1,
+            mark_read: false,
+        },
+        Body::Rename {
+            new_name: "z".into(),
+        },
+    ] {
         assert_eq!(kind(c.call(body).await), ErrorKind::NotRegistered);
     }
     b.stop().await;
@@ -223,7 +297,16 @@ async fn requests_before_registering_are_refused() {
 async fn a_connection_acts_for_one_agent_only() {
     let b = InProc::start().await;
     let mut c = agent(&b.addr, "first").await;
-    assert_eq!(kind(c.call(Body::Register { name: "second".into(), token: None }).await), ErrorKind::InvalidInput);
+    assert_eq!(
+        kind(
+            c.call(Body::Register {
+                name: "second".into(),
+                token: None
+            })
+            .await
+        ),
+        ErrorKind::InvalidInput
+    );
     b.stop().await;
 }
 
@@ -241,8 +324,17 @@ async fn full_inboxes_and_rate_limits_are_errors_not_drops() {
     let e = alice.call(send("bob", "one too many")).await.unwrap_err();
     assert_eq!(e.kind(), Some(ErrorKind::InboxFull));
     assert!(e.to_string().contains("bob"), "{e}");
-    match alice.call(Body::Broadcast { content: "all".into(), data: None }).await.unwrap() {
-        Reply::Broadcast { reached, skipped, .. } => {
+    match alice
+        .call(Body::Broadcast {
+            content: "all".into(),
+            data: None,
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Broadcast {
+            reached, skipped, ..
+        } => {
             assert_eq!(reached, 1, "carol got it");
             assert_eq!(skipped.len(), 1);
             assert_eq!(skipped[0].name, "bob");
@@ -290,7 +382,12 @@ async fn resent_messages_with_a_dedup_key_are_stored_once() {
     let b = InProc::start().await;
     let mut bob = agent(&b.addr, "bob").await;
     let mut alice = agent(&b.addr, "alice").await;
-    let out = Outgoing { to: "bob".into(), content: "once".into(), dedup_key: Some("k1".into()), ..Default::default() };
+    let out = Outgoing {
+        to: "bob".into(),
+        content: "once".into(),
+        dedup_key: Some("k1".into()),
+        ..Default::default()
+    };
     let first = alice.call(Body::Send(out.clone())).await.unwrap();
     let again = alice.call(Body::Send(out)).await.unwrap();
     match (first, again) {
@@ -308,10 +405,22 @@ async fn unread_messages_expire_and_the_sender_is_told() {
     config.limits.retention = Duration::from_secs(1);
     let b = InProc::start_with(config).await;
     let mut alice = agent(&b.addr, "alice").await;
-    alice.call(Body::Send(Outgoing { to: "nobody-yet".into(), content: "anyone?".into(), hold: true, ..Default::default() })).await.unwrap();
+    alice
+        .call(Body::Send(Outgoing {
+            to: "nobody-yet".into(),
+            content: "anyone?".into(),
+            hold: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
     // Alice stays connected (so her own claim does not lapse) and waits for the notice.
     let (msgs, _) = alice.wait(Duration::from_secs(10), 10).await.unwrap();
     assert_eq!(msgs[0].from, "system");
-    assert!(msgs[0].content.contains("expired") && msgs[0].content.contains("nobody-yet"), "{}", msgs[0].content);
+    assert!(
+        msgs[0].content.contains("expired") && msgs[0].content.contains("nobody-yet"),
+        "{}",
+        msgs[0].content
+    );
     b.stop().await;
 }

@@ -10,12 +10,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_ipc-mesh");
 
 /// A port that was free a moment ago on `ip`.
 pub fn free_port(ip: &str) -> u16 {
-    StdListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+    StdListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A temporary home folder.
 pub fn temp_home() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("ipc-mesh-test").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("ipc-mesh-test")
+        .tempdir()
+        .unwrap()
 }
 
 /// A broker running as a real process.
@@ -83,7 +90,11 @@ impl BrokerProc {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "broker at {} never became healthy", self.addr);
+            assert!(
+                Instant::now() < deadline,
+                "broker at {} never became healthy",
+                self.addr
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -107,7 +118,10 @@ impl BrokerProc {
             if let Some(s) = c.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "broker did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "broker did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
