@@ -199,6 +199,39 @@ impl Config {
     }
 }
 
+/// The mesh secret: `$IPC_MESH_SECRET` if set, else the `[mesh] secret_file`.
+///
+/// A secret file readable by other users is refused: anyone who can read it can join the
+/// mesh. Surrounding whitespace (a trailing newline) is not part of the secret.
+pub fn load_secret(mesh: &MeshConfig) -> Result<Option<federation::auth::Secret>> {
+    let bytes = match std::env::var("IPC_MESH_SECRET") {
+        Ok(v) if !v.trim().is_empty() => v.trim().as_bytes().to_vec(),
+        _ => match &mesh.secret_file {
+            None => return Ok(None),
+            Some(path) => {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::metadata(path).map_err(|e| {
+                    Error::Config(format!("[mesh] secret_file {}: {e}", path.display()))
+                })?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    return Err(Error::Config(format!(
+                        "[mesh] secret_file {} is readable by other users; run `chmod 600 {}`",
+                        path.display(),
+                        path.display()
+                    )));
+                }
+                let text = std::fs::read(path).map_err(|e| {
+                    Error::Config(format!("[mesh] secret_file {}: {e}", path.display()))
+                })?;
+                String::from_utf8_lossy(&text).trim().as_bytes().to_vec()
+            }
+        },
+    };
+    federation::auth::Secret::new(bytes)
+        .map(Some)
+        .map_err(|e| Error::Config(e.to_string()))
+}
+
 /// Parses a humantime duration such as `30s` or `7d`.
 pub fn parse_duration(key: &str, value: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(value).map_err(|e| {

@@ -189,6 +189,7 @@ pub struct StatusView {
     /// Per origin broker, the highest contiguous sequence delivered here.
     pub clock: Vec<ClockEntry>,
     pub counters: Counters,
+    pub mesh: MeshCounters,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -204,11 +205,27 @@ pub struct BrokerView {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PeerView {
+    /// The peer's broker id, or `?` for a configured address that never answered.
     pub id: String,
     pub addr: String,
+    /// `up`, `connecting` or `down`.
     pub state: String,
     pub rtt_ms: Option<f64>,
+    /// Messages waiting for this peer.
     pub outbox: u64,
+    /// Milliseconds since the peer was last heard.
+    pub last_heard_ms: Option<u64>,
+    /// Why the last link attempt was refused, if it was (a wrong secret, say).
+    pub refused: Option<String>,
+}
+
+/// Link counters of the mesh node since the broker started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeshCounters {
+    pub links_opened: u64,
+    pub links_closed: u64,
+    pub dials: u64,
+    pub refusals: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -17,6 +17,7 @@
 //! in-memory sled operations. Only flushes block, and they run on the flusher task.
 
 pub mod commit;
+pub mod mesh;
 mod rate;
 pub mod retention;
 pub mod server;
@@ -26,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use federation::message::MessageKind;
@@ -40,8 +41,8 @@ use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::identity::{self, AgentRecord, SYSTEM};
 use crate::inbox::{self, Entry};
 use crate::protocol::{
-    AgentView, Body, BrokerView, ClockEntry, Counters, MessageView, Outgoing, Reply, Route,
-    Skipped, StatusView,
+    AgentView, Body, BrokerView, ClockEntry, Counters, MeshCounters, MessageView, Outgoing,
+    PeerView, Reply, Route, Skipped, StatusView,
 };
 use crate::storage::{keys, Batch, Engine};
 
@@ -73,6 +74,8 @@ struct Inner {
     commit: Commit,
     started: Instant,
     counters: CounterCells,
+    /// The mesh node, once the server has started it (see [`mesh`]).
+    mesh: OnceLock<federation::driver::Handle>,
 }
 
 #[derive(Default)]
@@ -103,6 +106,8 @@ struct State {
     /// Recipients of messages written since the flusher last looked.
     to_wake: Vec<AgentName>,
     rate: RateLimiter,
+    /// Names this broker's agents lost to a newer claim elsewhere, with what to tell them.
+    lost: HashMap<AgentName, String>,
 }
 
 struct Agent {
@@ -174,8 +179,8 @@ fn storage_err(e: Error) -> WireError {
 
 /// Background tasks of a broker, stopped by [`BrokerTasks::shutdown`].
 pub struct BrokerTasks {
-    cancel: CancellationToken,
-    tracker: TaskTracker,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
 }
 
 impl BrokerTasks {
@@ -259,10 +264,12 @@ impl Broker {
                     last_arrival: old_ceiling,
                     to_wake: Vec::new(),
                     rate,
+                    lost: HashMap::new(),
                 }),
                 commit,
                 started: Instant::now(),
                 counters: CounterCells::default(),
+                mesh: OnceLock::new(),
             }),
         };
         let tasks = BrokerTasks {
@@ -291,6 +298,98 @@ impl Broker {
 
     pub fn commit(&self) -> &Commit {
         &self.inner.commit
+    }
+
+    fn mesh(&self) -> Option<&federation::driver::Handle> {
+        self.inner.mesh.get()
+    }
+
+    /// The mesh node's handle, for handing it peer connections.
+    pub fn mesh_handle(&self) -> Option<federation::driver::Handle> {
+        self.inner.mesh.get().cloned()
+    }
+
+    /// Connects the broker to its running mesh node and publishes every local agent.
+    pub fn attach_mesh(&self, handle: federation::driver::Handle) {
+        if self.inner.mesh.set(handle).is_err() {
+            return;
+        }
+        let s = self.state();
+        for a in s.agents.values().filter(|a| !a.record.is_forward()) {
+            self.publish(a);
+        }
+    }
+
+    /// Tells the mesh about one of this broker's agents.
+    fn publish(&self, a: &Agent) {
+        if let Some(m) = self.mesh() {
+            m.local(federation::node::Event::AgentChanged {
+                name: a.record.name.clone(),
+                token_hash: a.record.token_hash.clone(),
+                incarnation: a.record.incarnation,
+                online: a.online > 0,
+                last_seen_ms: a.record.last_seen_ms,
+            });
+        }
+    }
+
+    fn unpublish(&self, name: &AgentName) {
+        if let Some(m) = self.mesh() {
+            m.local(federation::node::Event::AgentRemoved {
+                name: name.to_string(),
+            });
+        }
+    }
+
+    /// The entry of `name` on another broker, if one holds it and its claim has not lapsed.
+    fn held_elsewhere(
+        &self,
+        name: &AgentName,
+        now: u64,
+    ) -> Option<federation::registry::AgentEntry> {
+        let e = self.mesh()?.lookup(name.as_str())?;
+        let retention = self.inner.config.limits.retention.as_millis() as u64;
+        let lapsed = !e.online && e.last_seen_ms + retention <= now;
+        (e.owner != self.inner.id && !lapsed).then_some(e)
+    }
+
+    /// The highest incarnation the mesh has seen for `name`.
+    fn mesh_incarnation(&self, name: &AgentName) -> u64 {
+        self.mesh().map_or(0, |m| m.max_incarnation(name.as_str()))
+    }
+
+    /// Another broker's entry now holds the name of one of ours: the agent moved there, or
+    /// lost a conflicting claim made during a partition. Either way the name is no longer
+    /// this broker's; a connection still registered under it is told on its next request.
+    pub fn name_superseded(&self, s: federation::registry::Superseded) {
+        let Ok(name) = AgentName::new(s.name.clone()) else {
+            return;
+        };
+        let mut st = self.state();
+        let Some(a) = st.agents.get(&name) else {
+            return;
+        };
+        if a.record.is_forward() {
+            return;
+        }
+        let why = if s.moved {
+            format!(
+                "{name} is now attached to broker {}; reconnect there",
+                s.winner.owner
+            )
+        } else {
+            format!(
+                "the name {name} was claimed by another agent on broker {} (a newer claim, made while the brokers could not reach each other) and is no longer yours; register under another name",
+                s.winner.owner
+            )
+        };
+        tracing::info!(agent = %name, winner = %s.winner.owner, moved = s.moved, "name now held elsewhere");
+        let mut b = Batch::new();
+        b.delete(keys::agent(&name));
+        if self.apply(&mut st, b).is_ok() {
+            st.agents.remove(&name);
+            st.lost.insert(name, why);
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -366,6 +465,9 @@ impl Broker {
             a.online = a.online.saturating_sub(1);
             a.record.last_seen_ms = now;
             let record = a.record.clone();
+            if let Some(a) = s.agents.get(name) {
+                self.publish(a);
+            }
             let mut b = Batch::new();
             b.put(keys::agent(name), federation::wire::encode(&record));
             // Last-seen is advisory: written now, made durable by the next flush.
@@ -398,6 +500,19 @@ impl Broker {
                         wait.as_millis().max(1)
                     ),
                 )));
+            }
+        }
+        if let Some(agent) = &ctx.agent {
+            let lost = self.state().lost.get(agent).cloned();
+            if let Some(why) = lost {
+                if !matches!(
+                    body,
+                    Body::Register { .. } | Body::Ping | Body::List | Body::Status
+                ) {
+                    ctx.agent = None;
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    return Outcome::Now(Err(WireError::new(ErrorKind::NameTaken, why)));
+                }
             }
         }
         let outcome = match body {
@@ -542,7 +657,7 @@ impl Broker {
                 match &token {
                     Some(t) if a.record.token_matches(t) => {
                         let mut r = a.record.clone();
-                        r.incarnation += 1;
+                        r.incarnation = r.incarnation.max(self.mesh_incarnation(&name)) + 1;
                         r.last_seen_ms = now;
                         (r, t.clone(), false)
                     }
@@ -562,38 +677,85 @@ impl Broker {
                     }
                 }
             }
-            // Free: never claimed, a forward that ran out, or a claim that lapsed.
+            // Free here: never claimed on this broker, a forward that ran out, or a lapsed claim.
             other => {
-                if token.is_some() {
-                    return Err(WireError::new(
-                        ErrorKind::TokenExpired,
-                        format!(
-                            "the token for {name} has expired (unused for longer than {}, or the broker's data was reset); register {name} again without a token to claim it anew",
-                            humantime::format_duration(self.inner.config.limits.retention)
-                        ),
-                    ))
-                    .into();
-                }
-                let incarnation = other.map_or(0, |a| a.record.incarnation) + 1;
-                if other.is_some_and(|a| !a.record.is_forward()) {
-                    // A lapsed claim: the new holder must not read the old holder's messages.
-                    match inbox::all_keys(&*self.inner.engine, &name) {
-                        Ok(keys) => keys.into_iter().for_each(|(k, _)| batch.delete(k)),
-                        Err(e) => return Err(storage_err(e)).into(),
+                let other = other.map(|a| a.record.clone());
+                // Held on another broker of the mesh? Then only its token may take it (the
+                // agent moving here), with the next incarnation so every registry agrees.
+                if let Some(held) = self.held_elsewhere(&name, now) {
+                    let moved = token.as_deref().is_some_and(|t| {
+                        <[u8; 32]>::try_from(held.token_hash.as_slice()).is_ok_and(|stored| {
+                            identity::hashes_equal(&stored, &identity::hash_token(t))
+                        })
+                    });
+                    if !moved {
+                        let (kind, what) = if token.is_some() {
+                            (
+                                ErrorKind::BadToken,
+                                "the token does not match it; nothing was changed",
+                            )
+                        } else {
+                            (
+                                ErrorKind::NameTaken,
+                                "register with its token or choose another name",
+                            )
+                        };
+                        return Err(WireError::new(
+                            kind,
+                            format!(
+                                "{name} is held by another agent on broker {}; {what}",
+                                held.owner
+                            ),
+                        ))
+                        .into();
                     }
-                    s.unread.remove(&name);
+                    tracing::info!(agent = %name, from = %held.owner, "agent moved here");
+                    let r = AgentRecord {
+                        name: name.to_string(),
+                        token_hash: held.token_hash.clone(),
+                        incarnation: self.mesh_incarnation(&name).max(held.incarnation) + 1,
+                        registered_at_ms: now,
+                        last_seen_ms: now,
+                        forward_to: None,
+                        forward_until_ms: 0,
+                    };
+                    (r, token.clone().expect("a move needs the token"), false)
+                } else {
+                    if token.is_some() {
+                        return Err(WireError::new(
+                            ErrorKind::TokenExpired,
+                            format!(
+                                "the token for {name} has expired (unused for longer than {}, or the broker's data was reset); register {name} again without a token to claim it anew",
+                                humantime::format_duration(self.inner.config.limits.retention)
+                            ),
+                        ))
+                        .into();
+                    }
+                    let incarnation = other
+                        .as_ref()
+                        .map_or(0, |r| r.incarnation)
+                        .max(self.mesh_incarnation(&name))
+                        + 1;
+                    if other.as_ref().is_some_and(|r| !r.is_forward()) {
+                        // A lapsed claim: the new holder must not read the old holder's messages.
+                        match inbox::all_keys(&*self.inner.engine, &name) {
+                            Ok(keys) => keys.into_iter().for_each(|(k, _)| batch.delete(k)),
+                            Err(e) => return Err(storage_err(e)).into(),
+                        }
+                        s.unread.remove(&name);
+                    }
+                    let t = identity::new_token();
+                    let r = AgentRecord {
+                        name: name.to_string(),
+                        token_hash: identity::hash_token(&t).to_vec(),
+                        incarnation,
+                        registered_at_ms: now,
+                        last_seen_ms: now,
+                        forward_to: None,
+                        forward_until_ms: 0,
+                    };
+                    (r, t, true)
                 }
-                let t = identity::new_token();
-                let r = AgentRecord {
-                    name: name.to_string(),
-                    token_hash: identity::hash_token(&t).to_vec(),
-                    incarnation,
-                    registered_at_ms: now,
-                    last_seen_ms: now,
-                    forward_to: None,
-                    forward_until_ms: 0,
-                };
-                (r, t, true)
             }
         };
         batch.put(keys::agent(&name), federation::wire::encode(&record));
@@ -602,7 +764,10 @@ impl Broker {
             Err(e) => return Err(e).into(),
         };
         let online = s.agents.get(&name).map_or(0, |a| a.online) + u32::from(ctx.agent.is_none());
-        s.agents.insert(name.clone(), Agent { record, online });
+        let agent = Agent { record, online };
+        self.publish(&agent);
+        s.agents.insert(name.clone(), agent);
+        s.lost.remove(&name);
         let unread = Self::unread_of(&s, &name);
         drop(s);
         if created {
@@ -721,6 +886,17 @@ impl Broker {
                     to: t.to_string(),
                 },
             ),
+            None if self.held_elsewhere(&to_name, now).is_some() => {
+                let owner = self.held_elsewhere(&to_name, now).map(|e| e.owner);
+                return Err(WireError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "{to_name} is attached to broker {}; this build cannot deliver across brokers yet",
+                        owner.map_or_else(String::new, |o| o.to_string())
+                    ),
+                ))
+                .into();
+            }
             None if hold || s.unread.contains_key(&to_name) => (
                 to_name.clone(),
                 Route::Held {
@@ -728,12 +904,19 @@ impl Broker {
                 },
             ),
             None => {
-                let names: Vec<&str> = s
+                let mesh_names: Vec<String> = self
+                    .mesh()
+                    .map(|m| m.agents().into_iter().map(|e| e.name).collect())
+                    .unwrap_or_default();
+                let mut names: Vec<&str> = s
                     .agents
                     .iter()
                     .filter(|(_, a)| !a.record.is_forward())
                     .map(|(n, _)| n.as_str())
+                    .chain(mesh_names.iter().map(|n| n.as_str()))
                     .collect();
+                names.sort_unstable();
+                names.dedup();
                 let close = closest_names(to_name.as_str(), &names);
                 let hint = if close.is_empty() {
                     String::new()
@@ -1060,6 +1243,16 @@ impl Broker {
                 .into();
             }
         }
+        if let Some(held) = self.held_elsewhere(&new, now) {
+            return Err(WireError::new(
+                ErrorKind::NameTaken,
+                format!(
+                    "{new} is taken by an agent on broker {}; choose another name",
+                    held.owner
+                ),
+            ))
+            .into();
+        }
         if s.unread.get(&new).is_some_and(|n| *n > 0) && !s.agents.contains_key(&new) {
             return Err(WireError::new(
                 ErrorKind::NameTaken,
@@ -1117,13 +1310,13 @@ impl Broker {
         if let Some(n) = s.unread.remove(&old) {
             s.unread.insert(new.clone(), n);
         }
-        s.agents.insert(
-            new.clone(),
-            Agent {
-                record: new_record,
-                online,
-            },
-        );
+        let renamed = Agent {
+            record: new_record,
+            online,
+        };
+        self.unpublish(&old);
+        self.publish(&renamed);
+        s.agents.insert(new.clone(), renamed);
         s.agents.insert(
             old.clone(),
             Agent {
@@ -1204,7 +1397,20 @@ impl Broker {
         Ok(epoch)
     }
 
+    /// Every agent of the mesh, from the registry (this broker's own are in it too).
     fn agent_views(&self) -> Vec<AgentView> {
+        if let Some(m) = self.mesh() {
+            return m
+                .agents()
+                .into_iter()
+                .map(|e| AgentView {
+                    name: e.name,
+                    broker: e.owner.to_string(),
+                    online: e.online,
+                    last_seen: rfc3339(e.last_seen_ms),
+                })
+                .collect();
+        }
         let s = self.state();
         s.agents
             .iter()
@@ -1214,6 +1420,25 @@ impl Broker {
                 broker: self.inner.id.to_string(),
                 online: a.online > 0,
                 last_seen: rfc3339(a.record.last_seen_ms),
+            })
+            .collect()
+    }
+
+    fn peer_views(&self) -> Vec<PeerView> {
+        let Some(m) = self.mesh() else {
+            return Vec::new();
+        };
+        m.snapshot()
+            .peers
+            .into_iter()
+            .map(|p| PeerView {
+                id: p.id.map_or_else(|| "?".to_string(), |i| i.to_string()),
+                addr: p.addr,
+                state: p.state.as_str().to_string(),
+                rtt_ms: p.rtt_ms,
+                outbox: 0,
+                last_heard_ms: p.last_heard_ms,
+                refused: p.refused,
             })
             .collect()
     }
@@ -1242,8 +1467,20 @@ impl Broker {
                 data_dir: self.inner.data_dir.display().to_string(),
                 connections: online_connections,
             },
-            peers: Vec::new(),
+            peers: self.peer_views(),
             agents: self.agent_views(),
+            mesh: self
+                .mesh()
+                .map(|m| {
+                    let st = m.with_node(|n| n.stats().clone());
+                    MeshCounters {
+                        links_opened: st.links_opened,
+                        links_closed: st.links_closed,
+                        dials: st.dials,
+                        refusals: st.refusals,
+                    }
+                })
+                .unwrap_or_default(),
             clock: vec![ClockEntry {
                 origin: self.inner.id.to_string(),
                 delivered: self.inner.commit.durable().arrival,

@@ -181,7 +181,9 @@ impl Broker {
             self.apply(&mut s, batch)
                 .map_err(|e| crate::error::Error::Storage(e.message))?;
             for n in &forget {
-                s.agents.remove(n);
+                if s.agents.remove(n).is_some_and(|a| !a.record.is_forward()) {
+                    self.unpublish(n);
+                }
                 s.waiters.remove(n);
             }
             swept.forgotten = forget.len() as u64;

@@ -56,6 +56,7 @@ pub async fn run(listener: TcpListener, broker: Broker, shutdown: impl Future) {
 
 /// Binds, opens `<home>/broker-<port>/`, serves until `shutdown`, then flushes and returns.
 pub async fn serve(config: Config, home: &Home, shutdown: impl Future) -> Result<()> {
+    super::mesh::check_exposure(&config, config.broker.listen)?;
     let listener =
         TcpListener::bind(config.broker.listen)
             .await
@@ -77,7 +78,9 @@ pub async fn serve_on(
     home.ensure()?;
     let dir = home.broker_dir(addr.port());
     let engine = open_engine(&dir)?;
+    let mesh_config = config.clone();
     let (broker, tasks) = Broker::start(engine, config, addr, dir.clone())?;
+    super::mesh::start(&broker, &mesh_config, addr, &tasks)?;
     tracing::info!(broker = %broker.id(), listen = %addr, data = %dir.display(), "broker ready");
     run(listener, broker, shutdown).await;
     tasks.shutdown().await;

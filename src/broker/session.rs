@@ -78,14 +78,20 @@ pub(super) async fn run(
             return;
         }
     };
-    if hello.role != Role::Client {
-        let e = WireError::new(
-            ErrorKind::Protocol,
-            "peer links are not served on this connection; this broker accepts clients only",
-        );
-        let _ = framed
-            .send(Bytes::from(wire::encode(&error_frame(0, e))))
-            .await;
+    if hello.role == Role::Peer {
+        // Another broker: the mesh node takes the link from here (its own handshake).
+        match broker.mesh_handle() {
+            Some(mesh) => {
+                mesh.accept(federation::driver::rebox(framed), peer.to_string())
+                    .await
+            }
+            None => {
+                let e = WireError::new(ErrorKind::Unavailable, "this broker's mesh is not running");
+                let _ = framed
+                    .send(Bytes::from(wire::encode(&error_frame(0, e))))
+                    .await;
+            }
+        }
         return;
     }
     let welcome = Welcome {
