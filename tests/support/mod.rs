@@ -31,6 +31,8 @@ pub struct BrokerProc {
     pub addr: String,
     pub home: PathBuf,
     pub extra: Vec<String>,
+    /// Arguments after `broker` (e.g. `--peer ADDR`).
+    pub broker_args: Vec<String>,
     pub log: PathBuf,
 }
 
@@ -41,11 +43,17 @@ impl BrokerProc {
     }
 
     pub fn start_with(home: &Path, addr: &str, extra: &[&str]) -> BrokerProc {
+        Self::start_full(home, addr, extra, &[])
+    }
+
+    /// `extra` goes before the subcommand (global flags), `broker_args` after it.
+    pub fn start_full(home: &Path, addr: &str, extra: &[&str], broker_args: &[&str]) -> BrokerProc {
         let mut b = BrokerProc {
             child: None,
             addr: addr.to_string(),
             home: home.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            broker_args: broker_args.iter().map(|s| s.to_string()).collect(),
             log: home.join(format!("broker-{}.log", addr.replace([':', '.'], "_"))),
         };
         b.restart();
@@ -65,6 +73,7 @@ impl BrokerProc {
             .arg(&self.home)
             .args(&self.extra)
             .args(["broker", "--listen", &self.addr])
+            .args(&self.broker_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -225,4 +234,37 @@ impl InProc {
             t.await.unwrap();
         }
     }
+}
+
+/// `ipc-mesh status --json` of the broker at `addr`, parsed.
+pub fn status_json(home: &Path, addr: &str) -> serde_json::Value {
+    let out = cli(home, addr, &["status", "--json"]);
+    if !out.status.success() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Ids of the peers a broker reports up.
+pub fn peers_up(home: &Path, addr: &str) -> Vec<String> {
+    let v = status_json(home, addr);
+    v["peers"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| p["state"] == "up")
+                .map(|p| p["id"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `f` every 50 ms until it holds; panics with `what` after `within`.
+pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
 }
