@@ -218,6 +218,76 @@ pub fn retry_safe(body: &Body) -> bool {
     }
 }
 
+/// The brokers a client may attach to, nearest first.
+///
+/// Local brokers (this host: the configured address and the sibling ports) come before remote
+/// ones (the mesh config's peers), whatever their round trips; within each group the lowest
+/// measured round trip wins.
+#[derive(Clone, Debug, Default)]
+pub struct Candidates {
+    pub local: Vec<String>,
+    pub remote: Vec<String>,
+}
+
+/// How long a candidate may take to answer a ping before it is passed over.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+impl Candidates {
+    /// The configured broker and its siblings on this host, then the configured peers.
+    pub fn from_config(config: &crate::config::Config) -> Candidates {
+        let listen = config.broker.listen;
+        let ip = if listen.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            listen.ip()
+        };
+        let mut local = vec![std::net::SocketAddr::new(ip, listen.port()).to_string()];
+        let (lo, hi) = config.mesh.sibling_ports;
+        for port in lo..=hi {
+            let a = std::net::SocketAddr::new(ip, port).to_string();
+            if !local.contains(&a) {
+                local.push(a);
+            }
+        }
+        Candidates {
+            local,
+            remote: config.mesh.peers.clone(),
+        }
+    }
+
+    pub fn all(&self) -> Vec<String> {
+        self.local
+            .iter()
+            .chain(self.remote.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// Pings every candidate at once; returns those that answered, nearest first.
+    pub async fn rank(&self) -> Vec<(String, Duration)> {
+        async fn probe(addr: String) -> Option<(String, Duration)> {
+            let start = tokio::time::Instant::now();
+            let r = tokio::time::timeout(PROBE_TIMEOUT, async {
+                let c = Connection::connect(&addr).await.ok()?;
+                let r = c.call(Body::Ping).await.ok();
+                c.close();
+                r
+            })
+            .await;
+            matches!(r, Ok(Some(Reply::Pong { .. }))).then(|| (addr, start.elapsed()))
+        }
+        let local = futures::future::join_all(self.local.iter().cloned().map(probe));
+        let remote = futures::future::join_all(self.remote.iter().cloned().map(probe));
+        let (local, remote) = futures::join!(local, remote);
+        let mut out = Vec::new();
+        for mut group in [local, remote] {
+            group.sort_by_key(|r| r.as_ref().map(|(_, d)| *d));
+            out.extend(group.into_iter().flatten());
+        }
+        out
+    }
+}
+
 /// How a [`Client`] reconnects.
 #[derive(Clone, Debug)]
 pub struct Reconnect {
@@ -239,7 +309,8 @@ impl Default for Reconnect {
 
 /// An agent's session with a broker.
 pub struct Client {
-    addr: String,
+    /// Where to reconnect, best first; the current broker is one of them.
+    candidates: Vec<String>,
     conn: Connection,
     agent: Option<(AgentName, String)>,
     home: Option<Home>,
@@ -250,8 +321,34 @@ impl Client {
     /// Connects to `addr` with no agent yet.
     pub async fn connect(addr: &str) -> Result<Client> {
         Ok(Client {
-            addr: addr.to_string(),
+            candidates: vec![addr.to_string()],
             conn: Connection::connect(addr).await?,
+            agent: None,
+            home: None,
+            reconnect: Reconnect::default(),
+        })
+    }
+
+    /// Connects to the nearest broker of `candidates` (see [`Candidates::rank`]); when it
+    /// dies, the client moves to the next one that answers.
+    pub async fn connect_nearest(candidates: &Candidates) -> Result<Client> {
+        let ranked = candidates.rank().await;
+        let Some((first, _)) = ranked.first() else {
+            return Err(Error::Unreachable {
+                addr: candidates.all().join(", "),
+                reason: "no broker answered; start one with `ipc-mesh broker`".into(),
+            });
+        };
+        let conn = Connection::connect(first).await?;
+        let mut order: Vec<String> = ranked.into_iter().map(|(a, _)| a).collect();
+        for a in candidates.all() {
+            if !order.contains(&a) {
+                order.push(a);
+            }
+        }
+        Ok(Client {
+            candidates: order,
+            conn,
             agent: None,
             home: None,
             reconnect: Reconnect::default(),
@@ -327,26 +424,35 @@ impl Client {
         let deadline = tokio::time::Instant::now() + self.reconnect.give_up_after;
         let mut backoff = self.reconnect.initial_backoff;
         loop {
-            match Connection::connect(&self.addr).await {
-                Ok(conn) => {
-                    self.conn = conn;
-                    if let Some((name, token)) = self.agent.clone() {
-                        self.conn
-                            .call(Body::Register {
-                                name: name.to_string(),
-                                token: Some(token),
-                            })
-                            .await?;
+            // The broker we had first (it may be back), then the others in order.
+            let mut last_err = None;
+            for addr in self.candidates.clone() {
+                match Connection::connect(&addr).await {
+                    Ok(conn) => {
+                        self.conn = conn;
+                        if let Some((name, token)) = self.agent.clone() {
+                            self.conn
+                                .call(Body::Register {
+                                    name: name.to_string(),
+                                    token: Some(token),
+                                })
+                                .await?;
+                        }
+                        // Prefer this one next time too.
+                        self.candidates.retain(|a| *a != addr);
+                        self.candidates.insert(0, addr);
+                        return Ok(());
                     }
-                    return Ok(());
-                }
-                Err(e) if tokio::time::Instant::now() + backoff > deadline => return Err(e),
-                Err(_) => {
-                    let jitter = rand::random_range(0.5..1.5);
-                    tokio::time::sleep(backoff.mul_f64(jitter)).await;
-                    backoff = (backoff * 2).min(self.reconnect.max_backoff);
+                    Err(e) => last_err = Some(e),
                 }
             }
+            let e = last_err.unwrap_or(Error::Disconnected);
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(e);
+            }
+            let jitter = rand::random_range(0.5..1.5);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(self.reconnect.max_backoff);
         }
     }
 

@@ -424,3 +424,36 @@ async fn unread_messages_expire_and_the_sender_is_told() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn clients_attach_to_the_nearest_broker_and_move_on_when_it_dies() {
+    use ipc_mesh::client::Candidates;
+    let near = InProc::start().await;
+    let far = InProc::start().await;
+    let dead = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let candidates = Candidates {
+        local: vec![dead.clone(), near.addr.clone()],
+        remote: vec![far.addr.clone()],
+    };
+    let ranked = candidates.rank().await;
+    let order: Vec<&str> = ranked.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(
+        order,
+        vec![near.addr.as_str(), far.addr.as_str()],
+        "local first; the dead one left out"
+    );
+
+    let mut c = Client::connect_nearest(&candidates).await.unwrap();
+    let near_id = match c.call(Body::Ping).await.unwrap() {
+        Reply::Pong { broker_id } => broker_id,
+        r => panic!("{r:?}"),
+    };
+    near.stop().await;
+    // The next call notices the dead connection and moves to the next broker that answers.
+    let moved = match c.call(Body::Ping).await.unwrap() {
+        Reply::Pong { broker_id } => broker_id,
+        r => panic!("{r:?}"),
+    };
+    assert_ne!(near_id, moved);
+    far.stop().await;
+}

@@ -18,7 +18,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use federation::AgentName;
 
-use crate::client::Client;
+use crate::client::{Candidates, Client};
 use crate::config::{Config, DEFAULT_LISTEN};
 use crate::home::Home;
 
@@ -79,7 +79,10 @@ pub enum Command {
 pub struct Ctx {
     pub home: Home,
     pub config: Config,
+    /// The broker named by `--broker` (or `IPC_MESH_BROKER`), else the configured one.
     pub broker: String,
+    /// Whether `--broker` named it; if not, clients attach to the nearest broker.
+    pub explicit_broker: bool,
 }
 
 impl Global {
@@ -102,6 +105,7 @@ impl Global {
             home,
             config,
             broker,
+            explicit_broker: self.broker.is_some(),
         })
     }
 }
@@ -126,8 +130,12 @@ impl Ctx {
         Ok(client)
     }
 
+    /// The broker `--broker` names, else the nearest one (local siblings, then peers).
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        Ok(Client::connect(&self.broker).await?)
+        if self.explicit_broker {
+            return Ok(Client::connect(&self.broker).await?);
+        }
+        Ok(Client::connect_nearest(&Candidates::from_config(&self.config)).await?)
     }
 }
 
