@@ -105,6 +105,13 @@ fn object(properties: Value, required: &[&str]) -> Value {
     })
 }
 
+/// Like [`object`], but other properties are allowed.
+fn open_object(properties: Value, required: &[&str]) -> Value {
+    let mut o = object(properties, required);
+    o["additionalProperties"] = Value::Bool(true);
+    o
+}
+
 fn build_specs() -> Vec<ToolSpec> {
     let route = json!({"type": "string", "enum": ["local", "forwarded", "held"]});
     vec![
@@ -279,7 +286,9 @@ fn build_specs() -> Vec<ToolSpec> {
             title: "Mesh status",
             description: "Show the state of the mesh and of this session: which broker you are attached to (and whether this assistant's process is hosting it), its peers, the agents, delivery counters, your name and unread count. Use it to diagnose delivery problems or to check whether you are registered.",
             input_schema: object(json!({}), &[]),
-            output_schema: object(
+            // Open: the broker's status grows with the mesh (links, outboxes), and a client
+            // that validates must not reject a newer broker's extra fields.
+            output_schema: open_object(
                 json!({
                     "session": object(json!({
                         "name": {"type": ["string", "null"]},
