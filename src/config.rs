@@ -210,6 +210,11 @@ pub fn load_secret(mesh: &MeshConfig) -> Result<Option<federation::auth::Secret>
             None => return Ok(None),
             Some(path) => {
                 use std::os::unix::fs::PermissionsExt;
+                let expanded = match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+                    (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+                    _ => path.clone(),
+                };
+                let path = &expanded;
                 let meta = std::fs::metadata(path).map_err(|e| {
                     Error::Config(format!("[mesh] secret_file {}: {e}", path.display()))
                 })?;
