@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use federation::AgentName;
 
 use super::Ctx;
+use crate::client::Candidates;
 use crate::mcp::{self, ChannelMode, Era, Options};
 
 #[derive(Args, Debug)]
@@ -54,7 +55,10 @@ pub async fn run(ctx: Ctx, a: McpArgs) -> anyhow::Result<ExitCode> {
             McpEra::Legacy => Era::Legacy,
         },
     };
-    let code = mcp::run(ctx.home, ctx.config, ctx.broker, options).await;
+    // `--broker` (or IPC_MESH_BROKER) pins the broker; otherwise the nearest one is used,
+    // and the configured address is where this process hosts one if none answers.
+    let candidates = (!ctx.explicit_broker).then(|| Candidates::from_config(&ctx.config));
+    let code = mcp::run(ctx.home, ctx.config, ctx.broker, candidates, options).await;
     // Exit here rather than return: rmcp's session is leaked on purpose and tokio's stdin
     // reader thread blocks in read(2); neither must delay the exit (2 s after stdin closes).
     use std::io::Write;

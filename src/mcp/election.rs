@@ -1,9 +1,11 @@
 //! The democratic election: attach to the live broker, or become it; take over when it dies.
 //!
-//! 1. Connect to the election address. If a broker answers (another `ipc-mesh mcp` hosting
-//!    one, or a dedicated `ipc-mesh broker`), attach: register the session's agent with its
-//!    stored token and publish the link.
-//! 2. If nobody answers, try to bind the address. The operating system lets exactly one
+//! 1. Find the nearest live broker: the one `--broker` names, else every local candidate (the
+//!    election address and its sibling ports) then the configured peers, pinged at once, the
+//!    nearest answering first (see [`Candidates::rank`]). If one answers (another
+//!    `ipc-mesh mcp` hosting a broker, or a dedicated `ipc-mesh broker`), attach: register the
+//!    session's agent with its stored token and publish the link.
+//! 2. If nobody answers, try to bind the election address. The operating system lets exactly one
 //!    process bind it; the winner serves the broker in-process on `<home>/broker-<port>/`
 //!    (the same data directory every earlier host used, so queued messages survive) and
 //!    attaches to itself like everyone else. Losers wait a jittered moment and connect to it.
@@ -20,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::session::{message_limit, Agent, Mesh};
-use crate::client::Connection;
+use crate::client::{Candidates, Connection};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
 use crate::protocol::{Body, Reply};
@@ -45,10 +47,13 @@ struct HostHandle {
 
 impl Election {
     /// Starts the election task in the background; it never blocks the MCP handshake.
-    pub fn start(mesh: Mesh, config: Config) -> Election {
+    ///
+    /// With `candidates`, the nearest of them that answers is used; without, only the
+    /// election address (`--broker` named it).
+    pub fn start(mesh: Mesh, config: Config, candidates: Option<Candidates>) -> Election {
         let stop = CancellationToken::new();
         let (host_tx, host) = tokio::sync::watch::channel(None);
-        let task = tokio::spawn(run(mesh, config, stop.clone(), host_tx));
+        let task = tokio::spawn(run(mesh, config, candidates, stop.clone(), host_tx));
         Election { task, stop, host }
     }
 
@@ -74,6 +79,7 @@ impl Election {
 async fn run(
     mesh: Mesh,
     config: Config,
+    candidates: Option<Candidates>,
     stop: CancellationToken,
     host_tx: tokio::sync::watch::Sender<Option<HostHandle>>,
 ) {
@@ -82,7 +88,7 @@ async fn run(
         if stop.is_cancelled() {
             return;
         }
-        match Connection::connect(&addr).await {
+        match nearest(&addr, candidates.as_ref()).await {
             Ok(conn) => {
                 if !attach(&mesh, conn.clone()).await {
                     conn.close();
@@ -93,7 +99,7 @@ async fn run(
                     _ = conn.closed() => {}
                     _ = stop.cancelled() => return,
                 }
-                tracing::info!(broker = %addr, "lost the broker; electing a new one");
+                tracing::info!(broker = %conn.addr(), "lost the broker; electing a new one");
                 mesh.update(|l| {
                     l.gen += 1;
                     l.conn = None;
@@ -130,6 +136,24 @@ async fn run(
             }
         }
     }
+}
+
+/// Connects to the nearest broker that answers, or says that none does.
+async fn nearest(addr: &str, candidates: Option<&Candidates>) -> Result<Connection, Error> {
+    let Some(candidates) = candidates else {
+        return Connection::connect(addr).await;
+    };
+    for (candidate, _rtt) in candidates.rank().await {
+        match Connection::connect(&candidate).await {
+            Ok(conn) => return Ok(conn),
+            // Gone between the ping and now: try the next one.
+            Err(e) => tracing::debug!(broker = %candidate, error = %e, "candidate vanished"),
+        }
+    }
+    Err(Error::Unreachable {
+        addr: candidates.all().join(", "),
+        reason: "no broker answered".into(),
+    })
 }
 
 /// Registers the session's agent on a fresh connection and publishes it. Returns false when

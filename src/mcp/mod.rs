@@ -3,8 +3,9 @@
 //! 1. Start-up builds the session handle ([`session::Mesh`]) and starts the election task
 //!    ([`election`]) in the background, then serves MCP on stdio at once ([`adapter`]), so
 //!    `initialize` is answered in milliseconds whatever the broker is doing.
-//! 2. The election attaches to the live broker at the election address, or binds it and
-//!    hosts the broker in-process; with `--agent` it registers that name with its stored
+//! 2. The election attaches to the nearest live broker (local sibling ports first, then the
+//!    configured peers; only the one `--broker` names, if given), or binds the election
+//!    address and hosts the broker in-process; with `--agent` it registers that name with its stored
 //!    token. When the broker goes away, it elects again and re-registers.
 //! 3. Tool calls ([`tools`]) go through the session: they wait (bounded) for attachment and
 //!    registration, and ride out a hand-over when their request is safe to repeat.
@@ -27,6 +28,7 @@ use std::time::Duration;
 use federation::AgentName;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::Candidates;
 use crate::config::Config;
 use crate::home::Home;
 
@@ -65,9 +67,19 @@ pub struct Options {
 }
 
 /// Runs the MCP server until stdin closes; returns the process exit code.
-pub async fn run(home: Home, config: Config, broker: String, options: Options) -> i32 {
+///
+/// `broker` is the election address: the one this process binds when no broker answers.
+/// With `candidates`, the nearest of them that answers is attached to first (see
+/// [`election`]); without, only `broker` is tried.
+pub async fn run(
+    home: Home,
+    config: Config,
+    broker: String,
+    candidates: Option<Candidates>,
+    options: Options,
+) -> i32 {
     let mesh = session::Mesh::new(home, broker, options.agent.clone());
-    let election = election::Election::start(mesh.clone(), config);
+    let election = election::Election::start(mesh.clone(), config, candidates);
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
     let exit = adapter::serve_stdio(mesh, options, stop).await;

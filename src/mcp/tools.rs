@@ -699,12 +699,16 @@ async fn mesh_status(mesh: &Mesh) -> ToolResult {
     };
     let link = mesh.link();
     let you = link.agent.as_ref().map(|a| a.name.to_string());
+    let attached = link
+        .conn
+        .as_ref()
+        .map_or_else(|| mesh.addr().to_string(), |c| c.addr().to_string());
     let unread = mesh.unread().await;
     let b = &status.broker;
     let mut text = format!(
         "Attached to broker {} at {}{} (version {}, up {} s, {} agent(s) known, {} peer(s)).\n",
         b.id,
-        mesh.addr(),
+        attached,
         if link.hosting {
             ", hosted by this assistant's ipc-mesh process"
         } else {
@@ -725,7 +729,7 @@ async fn mesh_status(mesh: &Mesh) -> ToolResult {
     if let Value::Object(m) = &mut structured {
         m.insert(
             "session".into(),
-            json!({"name": you, "broker_addr": mesh.addr(), "hosting": link.hosting}),
+            json!({"name": you, "broker_addr": attached, "hosting": link.hosting}),
         );
         m.insert("unread".into(), json!(unread));
     }

@@ -56,7 +56,7 @@ class Mesh:
         self.addr = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
 
-    def env(self, agent: str | None = None, **extra: str) -> dict[str, str]:
+    def env(self, agent: str | None = None, **extra: str | None) -> dict[str, str]:
         env = {
             "IPC_MESH_HOME": str(self.home),
             "IPC_MESH_BROKER": self.addr,
@@ -66,7 +66,8 @@ class Mesh:
         if agent:
             env["IPC_MESH_AGENT"] = agent
         env.update(extra)
-        return env
+        # A value of None removes the variable (e.g. IPC_MESH_BROKER, to use the config).
+        return {k: v for k, v in env.items() if v is not None}
 
     def write_config(self, text: str) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

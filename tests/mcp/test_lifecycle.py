@@ -121,3 +121,45 @@ def test_a_dedicated_broker_is_simply_used(mesh):
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+def adjacent_free_ports() -> int:
+    """A port p with p + 1 free as well (bounded attempts)."""
+    import socket
+
+    for _ in range(50):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise AssertionError("no two adjacent free ports")
+
+
+def test_without_broker_flag_the_nearest_sibling_is_used(mesh):
+    import subprocess
+
+    from conftest import BIN
+
+    p = adjacent_free_ports()
+    mesh.write_config(f'[broker]\nlisten = "127.0.0.1:{p}"\n[mesh]\nsibling_ports = "{p}-{p + 1}"\n')
+    env = mesh.env(IPC_MESH_BROKER=None)
+    sibling = f"127.0.0.1:{p + 1}"
+    broker = subprocess.Popen([BIN, "broker", "--listen", sibling], env=env, stderr=subprocess.PIPE)
+    mesh.procs.append(broker)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run([BIN, "--broker", sibling, "health"], env=env).returncode != 0:
+            assert time.monotonic() < deadline, "broker did not start"
+            time.sleep(0.1)
+        r = mesh.raw(agent="near", IPC_MESH_BROKER=None)
+        r.initialize()
+        st = r.call("mesh_status", {})["result"]
+        assert st["isError"] is False, st
+        assert st["structuredContent"]["session"] == {"name": "near", "broker_addr": sibling, "hosting": False}
+        exit_after_close(r)
+    finally:
+        broker.terminate()
+        broker.wait(10)
