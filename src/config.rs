@@ -29,6 +29,7 @@ pub mod defaults {
     /// The longest a `wait` request may block.
     pub const WAIT_MAX: Duration = Duration::from_secs(50);
     pub const SIBLING_PORTS: (u16, u16) = (9876, 9885);
+    pub const OUTBOX_MAX: u64 = 1_000_000;
 }
 
 /// The whole configuration, validated.
@@ -64,6 +65,8 @@ pub struct Limits {
     pub rate_per_sec: u32,
     pub rate_burst: u32,
     pub rename_forward: Duration,
+    /// Envelopes waiting for other brokers, at most; beyond it sends are refused.
+    pub outbox_max: u64,
 }
 
 impl Default for Config {
@@ -93,6 +96,7 @@ impl Default for Limits {
             rate_per_sec: defaults::RATE_PER_SEC,
             rate_burst: defaults::RATE_BURST,
             rename_forward: defaults::RENAME_FORWARD,
+            outbox_max: defaults::OUTBOX_MAX,
         }
     }
 }
@@ -134,6 +138,7 @@ struct RawLimits {
     rate_per_sec: Option<u32>,
     rate_burst: Option<u32>,
     rename_forward: Option<String>,
+    outbox_max: Option<u64>,
 }
 
 impl Config {
@@ -191,6 +196,9 @@ impl Config {
         }
         if let Some(n) = l.rate_burst {
             c.limits.rate_burst = n;
+        }
+        if let Some(n) = l.outbox_max {
+            c.limits.outbox_max = positive("[limits] outbox_max", n as usize)? as u64;
         }
         if let Some(d) = l.rename_forward {
             c.limits.rename_forward = parse_duration("[limits] rename_forward", &d)?;

@@ -9,6 +9,7 @@
 //! - [`config`], [`home`]: the mesh config file and the home folder.
 //! - [`mcp`]: the MCP stdio server assistants launch, with the democratic broker election.
 //! - [`cli`]: the subcommands.
+//! - [`bench`]: the load generator behind `ipc-mesh bench`.
 
 pub mod bench;
 pub mod broker;
@@ -21,6 +22,7 @@ pub mod home;
 pub mod identity;
 pub mod inbox;
 pub mod mcp;
+pub mod outbox;
 pub mod protocol;
 pub mod storage;
 

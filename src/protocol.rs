@@ -144,6 +144,9 @@ pub enum Route {
     Forwarded { from: String, to: String },
     /// The recipient was never seen; held for it (the sender asked for `hold`).
     Held { to: String },
+    /// Queued for the broker the recipient is attached to; delivered when it can be reached
+    /// (the recipient may be offline: it waits there).
+    Remote { to: String, broker: String },
 }
 
 /// A broadcast recipient that did not get the message, and why.

@@ -4,8 +4,13 @@
 //! contiguous sequence delivered plus the few delivered sequences above it, so its size is
 //! O(origins) plus the current gaps, with no time window: a retransmission a day later is still
 //! recognised.
+//!
+//! An origin numbers everything it sends from one counter, so the sequences one destination
+//! sees have gaps (what went elsewhere). Each envelope therefore names `prev`, the sequence of
+//! the origin's previous envelope to the same destination: when `prev` is already covered, the
+//! gap before this one is known to hold nothing for us and the contiguous mark jumps over it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +26,9 @@ pub struct DeliveryClock {
 pub struct OriginClock {
     /// Every sequence in `1..=contiguous` has been delivered.
     pub contiguous: u64,
-    /// Delivered sequences above `contiguous + 1`; never contains `contiguous + 1`.
-    pub above: BTreeSet<u64>,
+    /// Delivered sequences above `contiguous`, each with its `prev`, waiting for the gap below
+    /// them to fill. Never holds an entry whose `prev` is covered (it would have been folded).
+    pub above: BTreeMap<u64, u64>,
 }
 
 impl DeliveryClock {
@@ -37,9 +43,19 @@ impl DeliveryClock {
             .is_some_and(|o| o.contains(dot.seq))
     }
 
-    /// Records `dot` as delivered. Returns false, changing nothing, if it already was.
+    /// Records `dot` as delivered, its predecessor being the sequence right before it.
+    /// Returns false, changing nothing, if it already was.
     pub fn insert(&mut self, dot: Dot) -> bool {
-        self.origins.entry(dot.origin).or_default().insert(dot.seq)
+        self.accept(dot, dot.seq.saturating_sub(1))
+    }
+
+    /// Records `dot` as delivered, `prev` being the origin's previous sequence to this
+    /// destination (0 for its first). Returns false, changing nothing, if it already was.
+    pub fn accept(&mut self, dot: Dot, prev: u64) -> bool {
+        self.origins
+            .entry(dot.origin)
+            .or_default()
+            .accept(dot.seq, prev)
     }
 
     /// Marks every sequence of `origin` up to `seq` as accounted for: the origin says none of
@@ -50,6 +66,13 @@ impl DeliveryClock {
             o.contiguous = seq;
             o.above = o.above.split_off(&(seq + 1));
             o.compact();
+        }
+    }
+
+    /// A clock from persisted origin entries.
+    pub fn from_origins(origins: impl IntoIterator<Item = (BrokerId, OriginClock)>) -> Self {
+        DeliveryClock {
+            origins: origins.into_iter().collect(),
         }
     }
 
@@ -64,22 +87,26 @@ impl DeliveryClock {
 
 impl OriginClock {
     fn contains(&self, seq: u64) -> bool {
-        seq <= self.contiguous || self.above.contains(&seq)
+        seq <= self.contiguous || self.above.contains_key(&seq)
     }
 
-    fn insert(&mut self, seq: u64) -> bool {
-        if self.contains(seq) || seq == 0 {
+    fn accept(&mut self, seq: u64, prev: u64) -> bool {
+        if seq == 0 || prev >= seq || self.contains(seq) {
             return false;
         }
-        self.above.insert(seq);
+        self.above.insert(seq, prev);
         self.compact();
         true
     }
 
-    /// Folds `above` into `contiguous` while the next sequence is present.
+    /// Folds waiting entries into `contiguous` while the lowest one's predecessor is covered.
     fn compact(&mut self) {
-        while self.above.remove(&(self.contiguous + 1)) {
-            self.contiguous += 1;
+        while let Some((&seq, &prev)) = self.above.first_key_value() {
+            if prev > self.contiguous {
+                break;
+            }
+            self.above.remove(&seq);
+            self.contiguous = self.contiguous.max(seq);
         }
     }
 }
@@ -87,6 +114,26 @@ impl OriginClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chains_with_gaps_stay_compact() {
+        // The origin sent 3, 7 and 12 to us (everything else went elsewhere).
+        let mut c = DeliveryClock::new();
+        let o = BrokerId::from_u32(1);
+        assert!(c.accept(Dot::new(o, 12), 7), "out of order: waits above");
+        assert_eq!(c.origin(o).unwrap().contiguous, 0);
+        assert!(c.accept(Dot::new(o, 3), 0));
+        assert_eq!(c.origin(o).unwrap().contiguous, 3);
+        assert!(c.accept(Dot::new(o, 7), 3));
+        let oc = c.origin(o).unwrap();
+        assert_eq!(oc.contiguous, 12, "the chain folded");
+        assert!(oc.above.is_empty());
+        for s in [3, 7, 12, 5, 10] {
+            assert!(c.contains(Dot::new(o, s)), "{s} is covered");
+            assert!(!c.accept(Dot::new(o, s), 0), "{s} is a duplicate");
+        }
+        assert!(c.accept(Dot::new(o, 20), 12));
+    }
 
     fn dot(seq: u64) -> Dot {
         Dot::new(BrokerId::from_u32(1), seq)
@@ -133,7 +180,7 @@ mod tests {
         c.advance_to(BrokerId::from_u32(1), 6);
         let o = c.origin(BrokerId::from_u32(1)).unwrap();
         assert_eq!(o.contiguous, 6);
-        assert_eq!(o.above.iter().copied().collect::<Vec<_>>(), vec![9]);
+        assert_eq!(o.above.keys().copied().collect::<Vec<_>>(), vec![9]);
         assert!(c.insert(dot(7)));
         assert!(c.insert(dot(8)));
         assert_eq!(c.origin(BrokerId::from_u32(1)).unwrap().contiguous, 9);

@@ -23,6 +23,7 @@ use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::delivery::MeshStore;
 use crate::node::{Action, ConnId, Event, Node, NodeStats, PeerStatus};
 use crate::proto::PeerMsg;
 use crate::registry::{AgentEntry, Superseded};
@@ -63,6 +64,8 @@ enum Command {
     AddSeed(String),
     /// Actions from a step the broker took itself (an agent change).
     Execute(Vec<Action>),
+    /// The store wrote to an outbox or made writes durable: look again.
+    StoreChanged,
 }
 
 enum Internal {
@@ -100,6 +103,12 @@ impl Handle {
         }
     }
 
+    /// Tells the node the store changed (an envelope queued, a flush done). Dropped when the
+    /// driver is busy: it looks at the store on every tick anyway.
+    pub fn store_changed(&self) {
+        let _ = self.tx.try_send(Command::StoreChanged);
+    }
+
     pub async fn add_seed(&self, addr: String) {
         let _ = self.tx.send(Command::AddSeed(addr)).await;
     }
@@ -126,6 +135,11 @@ impl Handle {
     /// The highest incarnation `name` has had anywhere this broker has heard of.
     pub fn max_incarnation(&self, name: &str) -> u64 {
         self.lock().registry().max_incarnation(name)
+    }
+
+    /// Every broker the node has heard of.
+    pub fn known_brokers(&self) -> Vec<BrokerId> {
+        self.lock().known_brokers()
     }
 
     /// Every agent of the mesh (the winning entry of each name).
@@ -176,6 +190,7 @@ fn peer_codec() -> LengthDelimitedCodec {
 pub fn spawn(
     node: Node,
     dialer: Arc<dyn Dialer>,
+    store: Arc<dyn MeshStore>,
     notices: mpsc::Sender<Notice>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
@@ -186,6 +201,7 @@ pub fn spawn(
     let driver = Driver {
         node: node.clone(),
         dialer,
+        store,
         notices,
         conns: HashMap::new(),
         next_conn: AtomicU64::new(1),
@@ -200,6 +216,7 @@ pub fn spawn(
 struct Driver {
     node: Arc<Mutex<Node>>,
     dialer: Arc<dyn Dialer>,
+    store: Arc<dyn MeshStore>,
     notices: mpsc::Sender<Notice>,
     conns: HashMap<ConnId, Conn>,
     next_conn: AtomicU64,
@@ -232,7 +249,11 @@ impl Driver {
         loop {
             let actions = tokio::select! {
                 _ = self.cancel.cancelled() => break,
-                _ = tick.tick() => self.lock().tick(now_ms()),
+                _ = tick.tick() => {
+                    let mut a = self.store_events();
+                    a.extend(self.lock().tick(now_ms()));
+                    a
+                }
                 Some(msg) = internal.recv() => match msg {
                     Internal::Event(ev) => self.step(ev),
                     Internal::Dialed(framed, addr) => {
@@ -253,6 +274,7 @@ impl Driver {
                         Vec::new()
                     }
                     Some(Command::Execute(actions)) => actions,
+                    Some(Command::StoreChanged) => self.store_events(),
                 },
             };
             self.execute(actions).await;
@@ -262,9 +284,47 @@ impl Driver {
         }
     }
 
+    /// What the store says now: outbox depths and durability.
+    fn store_events(&self) -> Vec<Action> {
+        let depths = self.store.outbox_depths();
+        let durable = self.store.durable();
+        let mut a = self.step(Event::Outbox { depths });
+        a.extend(self.step(Event::Durable { epoch: durable }));
+        a
+    }
+
     async fn execute(&mut self, actions: Vec<Action>) {
-        for a in actions {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
             match a {
+                Action::ReadOutbox {
+                    dest,
+                    conn,
+                    after,
+                    limit,
+                } => {
+                    let entries = self.store.outbox(dest, after, limit);
+                    queue.extend(self.step(Event::OutboxRead {
+                        dest,
+                        conn,
+                        entries,
+                    }));
+                }
+                Action::Accept {
+                    conn,
+                    dest,
+                    upto,
+                    entries,
+                } => {
+                    let epoch = self.store.accept(entries);
+                    queue.extend(self.step(Event::Stored {
+                        conn,
+                        dest,
+                        upto,
+                        epoch,
+                    }));
+                }
+                Action::Trim { dest, upto } => self.store.trim(dest, upto),
                 Action::Dial { addr } => self.dial(addr),
                 Action::Send { conn, msg } => {
                     let Some(c) = self.conns.get(&conn) else {
@@ -275,8 +335,7 @@ impl Driver {
                         if let Some(c) = self.conns.remove(&conn) {
                             c.stop.cancel();
                         }
-                        let evs = self.step(Event::Closed { conn });
-                        Box::pin(self.execute(evs)).await;
+                        queue.extend(self.step(Event::Closed { conn }));
                     }
                 }
                 Action::Close { conn, reason } => {

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod delivery;
 pub mod driver;
 pub mod error;
 pub mod id;

@@ -23,7 +23,10 @@ use std::collections::BTreeMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use std::collections::VecDeque;
+
 use crate::auth::{self, Nonce, Secret, Side};
+use crate::delivery::{Envelope, MAX_HOPS};
 use crate::proto::{Member, PeerMsg};
 use crate::registry::{AgentEntry, Registry, Superseded};
 use crate::BrokerId;
@@ -43,6 +46,8 @@ pub struct Timing {
     pub backoff_max_ms: u64,
     /// How long a higher-id broker waits for a lower-id peer to dial before dialing itself.
     pub yield_ms: u64,
+    /// Envelopes in flight (sent, not yet acknowledged) per destination.
+    pub window: usize,
 }
 
 impl Default for Timing {
@@ -55,6 +60,7 @@ impl Default for Timing {
             backoff_min_ms: 100,
             backoff_max_ms: 5000,
             yield_ms: 3000,
+            window: 1024,
         }
     }
 }
@@ -114,6 +120,27 @@ pub enum Event {
     AgentRemoved {
         name: String,
     },
+    /// The outboxes that hold envelopes now, and how many (after a write or a flush).
+    Outbox {
+        depths: Vec<(BrokerId, u64)>,
+    },
+    /// The answer to [`Action::ReadOutbox`].
+    OutboxRead {
+        dest: BrokerId,
+        conn: ConnId,
+        entries: Vec<(u64, Envelope)>,
+    },
+    /// The answer to [`Action::Accept`]: stored, durable once the store reaches `epoch`.
+    Stored {
+        conn: ConnId,
+        dest: BrokerId,
+        upto: u64,
+        epoch: u64,
+    },
+    /// The store made everything up to `epoch` durable.
+    Durable {
+        epoch: u64,
+    },
 }
 
 /// What the driver must do.
@@ -145,6 +172,26 @@ pub enum Action {
     Refused {
         addr: String,
         reason: String,
+    },
+    /// Read up to `limit` durable envelopes for `dest` after `after`; answer with
+    /// [`Event::OutboxRead`].
+    ReadOutbox {
+        dest: BrokerId,
+        conn: ConnId,
+        after: u64,
+        limit: usize,
+    },
+    /// Store what arrived; answer with [`Event::Stored`].
+    Accept {
+        conn: ConnId,
+        dest: BrokerId,
+        upto: u64,
+        entries: Vec<Envelope>,
+    },
+    /// The next hop has everything for `dest` up to `upto`: delete it.
+    Trim {
+        dest: BrokerId,
+        upto: u64,
     },
 }
 
@@ -257,6 +304,36 @@ pub struct NodeStats {
     pub links_closed: u64,
     pub dials: u64,
     pub refusals: u64,
+    /// Envelopes sent (including retransmissions) and acknowledged.
+    pub envelopes_sent: u64,
+    pub envelopes_acked: u64,
+    pub envelopes_received: u64,
+}
+
+/// One outbox as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutflowStatus {
+    pub dest: BrokerId,
+    /// Envelopes waiting (including those in flight).
+    pub depth: u64,
+    pub in_flight: u64,
+    /// The highest position acknowledged by the next hop.
+    pub acked: u64,
+    /// The peer it currently goes through (the destination itself, or a relay).
+    pub via: Option<BrokerId>,
+}
+
+/// The sending side of one destination's outbox.
+#[derive(Debug, Default)]
+struct Outflow {
+    /// The link it streams over now.
+    path: Option<ConnId>,
+    acked: u64,
+    sent: u64,
+    in_flight: VecDeque<u64>,
+    /// A read of the outbox is under way.
+    reading: bool,
+    depth: u64,
 }
 
 pub struct Node {
@@ -270,6 +347,12 @@ pub struct Node {
     stats: NodeStats,
     last_age_out: u64,
     out: Vec<Action>,
+    outflows: BTreeMap<BrokerId, Outflow>,
+    /// The brokers each peer reaches directly, from its digests.
+    reach: BTreeMap<BrokerId, Vec<BrokerId>>,
+    /// Acknowledgements waiting for the store's flush: (conn, dest, upto, epoch).
+    pending_acks: Vec<(ConnId, BrokerId, u64, u64)>,
+    durable: u64,
 }
 
 impl Node {
@@ -286,6 +369,10 @@ impl Node {
             stats: NodeStats::default(),
             last_age_out: 0,
             out: Vec::new(),
+            outflows: BTreeMap::new(),
+            reach: BTreeMap::new(),
+            pending_acks: Vec::new(),
+            durable: 0,
             cfg,
         };
         for s in node.cfg.seeds.clone() {
@@ -364,6 +451,11 @@ impl Node {
         out
     }
 
+    /// Every broker this node has heard of (linked or not).
+    pub fn known_brokers(&self) -> Vec<BrokerId> {
+        self.peers.keys().copied().collect()
+    }
+
     /// Ids of the peers with a link up now.
     pub fn up_peers(&self) -> Vec<BrokerId> {
         self.peers
@@ -417,6 +509,7 @@ impl Node {
             self.last_age_out = now;
             self.registry.age_out(now, self.cfg.retention_ms);
         }
+        self.pump();
         std::mem::take(&mut self.out)
     }
 
@@ -489,8 +582,149 @@ impl Node {
                     self.broadcast_delta(vec![e], None);
                 }
             }
+            Event::Outbox { depths } => {
+                for of in self.outflows.values_mut() {
+                    of.depth = 0;
+                }
+                for (dest, n) in depths {
+                    if dest != self.cfg.id {
+                        self.outflows.entry(dest).or_default().depth = n;
+                    }
+                }
+                self.pump();
+            }
+            Event::OutboxRead {
+                dest,
+                conn,
+                entries,
+            } => self.outbox_read(dest, conn, entries),
+            Event::Stored {
+                conn,
+                dest,
+                upto,
+                epoch,
+            } => {
+                self.pending_acks.push((conn, dest, upto, epoch));
+                self.send_due_acks();
+            }
+            Event::Durable { epoch } => {
+                self.durable = self.durable.max(epoch);
+                self.send_due_acks();
+                self.pump();
+            }
         }
         std::mem::take(&mut self.out)
+    }
+
+    /// Outboxes as `status` shows them.
+    pub fn outflow_status(&self) -> Vec<OutflowStatus> {
+        self.outflows
+            .iter()
+            .map(|(dest, of)| OutflowStatus {
+                dest: *dest,
+                depth: of.depth,
+                in_flight: of.in_flight.len() as u64,
+                acked: of.acked,
+                via: of.path.and_then(|c| self.peer_of(c)),
+            })
+            .collect()
+    }
+
+    /// The link an envelope for `dest` should take: its own, else a peer that reaches it.
+    fn path_to(&self, dest: BrokerId) -> Option<ConnId> {
+        if let Some(c) = self.peers.get(&dest).and_then(|p| p.link) {
+            return Some(c);
+        }
+        self.reach
+            .iter()
+            .filter(|(via, reached)| **via != dest && reached.contains(&dest))
+            .filter_map(|(via, _)| self.peers.get(via).and_then(|p| p.link))
+            .next()
+    }
+
+    /// Starts outbox reads wherever a path exists and the window has room.
+    fn pump(&mut self) {
+        let window = self.cfg.timing.window;
+        let dests: Vec<BrokerId> = self.outflows.keys().copied().collect();
+        for dest in dests {
+            let path = self.path_to(dest);
+            let of = self.outflows.get_mut(&dest).expect("listed");
+            if of.path != path {
+                // A new path: everything unacknowledged goes again, in order, over it.
+                of.path = path;
+                of.sent = of.acked;
+                of.in_flight.clear();
+                of.reading = false;
+            }
+            let Some(conn) = of.path else { continue };
+            if of.reading || of.depth == 0 || of.in_flight.len() >= window {
+                continue;
+            }
+            of.reading = true;
+            let (after, limit) = (of.sent, window - of.in_flight.len());
+            self.out.push(Action::ReadOutbox {
+                dest,
+                conn,
+                after,
+                limit,
+            });
+        }
+    }
+
+    fn outbox_read(&mut self, dest: BrokerId, conn: ConnId, mut entries: Vec<(u64, Envelope)>) {
+        let relay = self.peers.get(&dest).and_then(|p| p.link) != Some(conn);
+        let Some(of) = self.outflows.get_mut(&dest) else {
+            return;
+        };
+        of.reading = false;
+        if of.path != Some(conn) {
+            // The path changed while reading; pump reads again from the right place.
+            self.pump();
+            return;
+        }
+        entries.retain(|(pos, _)| *pos > of.sent);
+        if relay {
+            // Past the hop limit only the destination's own link may carry an envelope.
+            if let Some(i) = entries.iter().position(|(_, e)| e.hops >= MAX_HOPS) {
+                entries.truncate(i);
+            }
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let last = entries.last().map(|(p, _)| *p).expect("non-empty");
+        let full = entries.len() >= self.cfg.timing.window.saturating_sub(of.in_flight.len());
+        of.in_flight.extend(entries.iter().map(|(p, _)| *p));
+        of.sent = last;
+        self.stats.envelopes_sent += entries.len() as u64;
+        self.send(conn, PeerMsg::Deliver { dest, entries });
+        if !full {
+            // Everything durable was read: the next read waits for new envelopes.
+            if let Some(of) = self.outflows.get_mut(&dest) {
+                of.depth = of.depth.min(of.in_flight.len() as u64);
+            }
+        }
+        self.pump();
+    }
+
+    /// Sends the acknowledgements whose writes are durable, one per link and destination.
+    fn send_due_acks(&mut self) {
+        let durable = self.durable;
+        let (due, waiting): (Vec<_>, Vec<_>) = self
+            .pending_acks
+            .drain(..)
+            .partition(|(_, _, _, e)| *e <= durable);
+        self.pending_acks = waiting;
+        let mut best: BTreeMap<(ConnId, BrokerId), u64> = BTreeMap::new();
+        for (conn, dest, upto, _) in due {
+            let e = best.entry((conn, dest)).or_default();
+            *e = (*e).max(upto);
+        }
+        for ((conn, dest), upto) in best {
+            if self.links.contains_key(&conn) {
+                self.send(conn, PeerMsg::DeliverAck { dest, upto });
+            }
+        }
     }
 
     fn send(&mut self, conn: ConnId, msg: PeerMsg) {
@@ -513,6 +747,7 @@ impl Node {
         PeerMsg::Digest {
             members,
             versions: self.registry.digest(),
+            reach: self.up_peers(),
         }
     }
 
@@ -880,6 +1115,7 @@ impl Node {
         });
         let d = self.digest();
         self.send(conn, d);
+        self.pump();
     }
 
     fn on_link_msg(&mut self, now: u64, conn: ConnId, msg: PeerMsg) {
@@ -896,9 +1132,17 @@ impl Node {
                     p.rtt_ms = Some(now.saturating_sub(t) as f64);
                 }
             }
-            PeerMsg::Digest { members, versions } => {
+            PeerMsg::Digest {
+                members,
+                versions,
+                reach,
+            } => {
                 for m in members {
                     self.learn_member(m);
+                }
+                if self.reach.get(&peer) != Some(&reach) {
+                    self.reach.insert(peer, reach);
+                    self.pump();
                 }
                 let entries = self.registry.delta_since(&versions);
                 if !entries.is_empty() {
@@ -917,6 +1161,34 @@ impl Node {
                 }
                 if !tombstones.is_empty() {
                     self.broadcast_delta(tombstones, None);
+                }
+            }
+            PeerMsg::Deliver { dest, entries } => {
+                let Some(upto) = entries.last().map(|(p, _)| *p) else {
+                    return;
+                };
+                self.stats.envelopes_received += entries.len() as u64;
+                self.out.push(Action::Accept {
+                    conn,
+                    dest,
+                    upto,
+                    entries: entries.into_iter().map(|(_, e)| e).collect(),
+                });
+            }
+            PeerMsg::DeliverAck { dest, upto } => {
+                if let Some(of) = self.outflows.get_mut(&dest) {
+                    if upto > of.acked {
+                        let before = of.in_flight.len();
+                        while of.in_flight.front().is_some_and(|p| *p <= upto) {
+                            of.in_flight.pop_front();
+                        }
+                        let n = (before - of.in_flight.len()) as u64;
+                        of.depth = of.depth.saturating_sub(n);
+                        of.acked = upto;
+                        self.stats.envelopes_acked += n;
+                        self.out.push(Action::Trim { dest, upto });
+                        self.pump();
+                    }
                 }
             }
             other => {
@@ -999,6 +1271,16 @@ impl Node {
         self.stats.links_closed += 1;
         match link.stage {
             Stage::Up { peer } => {
+                self.reach.remove(&peer.id);
+                self.pending_acks.retain(|(c, ..)| *c != conn);
+                for of in self.outflows.values_mut() {
+                    if of.path == Some(conn) {
+                        of.path = None;
+                        of.sent = of.acked;
+                        of.in_flight.clear();
+                        of.reading = false;
+                    }
+                }
                 if let Some(p) = self.peers.get_mut(&peer.id) {
                     if p.link == Some(conn) {
                         p.link = None;

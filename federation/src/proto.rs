@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::Envelope;
 use crate::registry::AgentEntry;
 use crate::BrokerId;
 
@@ -58,10 +59,22 @@ pub enum PeerMsg {
     Digest {
         members: Vec<Member>,
         versions: Vec<(BrokerId, u64)>,
+        /// The brokers the sender has a link to now (for relaying).
+        reach: Vec<BrokerId>,
     },
     /// Registry entries the receiver lacks (newer than its digest).
     Delta {
         entries: Vec<AgentEntry>,
+    },
+    /// Envelopes for `dest`, each with its position in the sender's outbox, in order.
+    Deliver {
+        dest: BrokerId,
+        entries: Vec<(u64, Envelope)>,
+    },
+    /// Every envelope for `dest` up to position `upto` is stored durably here.
+    DeliverAck {
+        dest: BrokerId,
+        upto: u64,
     },
 }
 
@@ -78,6 +91,8 @@ impl PeerMsg {
             PeerMsg::Pong { .. } => "pong",
             PeerMsg::Digest { .. } => "digest",
             PeerMsg::Delta { .. } => "delta",
+            PeerMsg::Deliver { .. } => "deliver",
+            PeerMsg::DeliverAck { .. } => "deliver-ack",
         }
     }
 }

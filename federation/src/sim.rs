@@ -15,10 +15,16 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use std::sync::{Arc, Mutex};
+
 use crate::auth::Secret;
+use crate::clock::DeliveryClock;
+use crate::delivery::{classify, Arrival, Envelope, MeshStore};
+use crate::message::MessageKind;
 use crate::node::{Action, ConnId, Event, Node, NodeConfig, Timing};
 use crate::registry::Superseded;
 use crate::BrokerId;
+use crate::{AgentName, Dot, Message};
 
 /// How the simulated network behaves.
 #[derive(Clone, Debug)]
@@ -28,9 +34,12 @@ pub struct NetConfig {
     pub max_delay_ms: u64,
     /// Probability that a message breaks its connection instead of arriving.
     pub drop_rate: f64,
-    /// Let messages on one connection overtake each other (no real TCP does; tests that the
-    /// protocol does not depend on it).
+    /// Let frames on one connection overtake each other. No TCP connection does, and the
+    /// cumulative acknowledgements rely on that; across connections (a retransmission on a new
+    /// link overtaking the old link's frames) overtaking always happens with random delays.
     pub reorder: bool,
+    /// Probability that a delivery frame arrives twice (right after itself).
+    pub duplicate_rate: f64,
     pub tick_ms: u64,
 }
 
@@ -42,6 +51,7 @@ impl Default for NetConfig {
             max_delay_ms: 5,
             drop_rate: 0.0,
             reorder: false,
+            duplicate_rate: 0.0,
             tick_ms: 50,
         }
     }
@@ -63,6 +73,8 @@ pub struct Sim {
     rng: StdRng,
     nodes: Vec<Option<Node>>,
     configs: Vec<NodeConfig>,
+    /// Each node's storage: it survives crashes, like a disk.
+    pub stores: Vec<Arc<MemStore>>,
     paused: BTreeSet<usize>,
     held: Vec<(usize, Event)>,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
@@ -87,6 +99,7 @@ impl Sim {
             net,
             nodes: Vec::new(),
             configs: Vec::new(),
+            stores: Vec::new(),
             paused: BTreeSet::new(),
             held: Vec::new(),
             queue: BinaryHeap::new(),
@@ -126,8 +139,81 @@ impl Sim {
             started_ms: self.now,
         };
         self.nodes.push(Some(Node::new(cfg.clone())));
+        self.stores.push(Arc::new(MemStore::new(cfg.id)));
         self.configs.push(cfg);
         i
+    }
+
+    /// Attaches agent `name` to node `i` (online).
+    pub fn register(&mut self, i: usize, name: &str) {
+        let n = AgentName::new(name).expect("valid name");
+        self.stores[i].inner.lock().unwrap().agents.insert(n);
+        let inc = self.node(i).registry().max_incarnation(name) + 1;
+        let now = self.now;
+        self.local(
+            i,
+            Event::AgentChanged {
+                name: name.into(),
+                token_hash: name.as_bytes().to_vec(),
+                incarnation: inc,
+                online: true,
+                last_seen_ms: now,
+            },
+        );
+    }
+
+    /// Agent `from` on node `i` sends `content` to `to`, as a broker would: into a local inbox,
+    /// or queued for the broker that holds `to`. Returns the message's id.
+    pub fn send(&mut self, i: usize, from: &str, to: &str, content: &str) -> Dot {
+        let owner = self.node(i).registry().lookup(to).map(|e| e.owner);
+        let dot = self.stores[i].submit(from, to, content, owner, false, Vec::new(), self.now);
+        self.store_changed(i);
+        dot
+    }
+
+    /// Agent `from` on node `i` broadcasts `content`: every local agent but `from`, and one
+    /// envelope for every other broker node `i` knows.
+    pub fn broadcast(&mut self, i: usize, from: &str, content: &str) -> Dot {
+        let mut brokers: BTreeSet<BrokerId> = self.node(i).registry().owners().collect();
+        brokers.extend(self.node(i).known_brokers());
+        brokers.remove(&self.id(i));
+        let dot = self.stores[i].submit(
+            from,
+            "",
+            content,
+            None,
+            true,
+            brokers.into_iter().collect(),
+            self.now,
+        );
+        self.store_changed(i);
+        dot
+    }
+
+    /// What agent `name` on node `i` has received, in order.
+    pub fn inbox(&self, i: usize, name: &str) -> Vec<Message> {
+        let n = AgentName::new(name).expect("valid name");
+        self.stores[i]
+            .inner
+            .lock()
+            .unwrap()
+            .inboxes
+            .get(&n)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn store_changed(&mut self, i: usize) {
+        if self.nodes[i].is_none() || self.paused.contains(&i) {
+            return;
+        }
+        let depths = self.stores[i].outbox_depths();
+        let durable = self.stores[i].durable();
+        let now = self.now;
+        let node = self.nodes[i].as_mut().expect("running");
+        let mut actions = node.step(now, Event::Outbox { depths });
+        actions.extend(node.step(now, Event::Durable { epoch: durable }));
+        self.apply(i, actions);
     }
 
     pub fn node(&self, i: usize) -> &Node {
@@ -311,6 +397,7 @@ impl Sim {
                     if self.paused.contains(&i) {
                         continue;
                     }
+                    self.store_changed(i);
                     let now = self.now;
                     if let Some(n) = self.nodes[i].as_mut() {
                         let actions = n.tick(now);
@@ -391,12 +478,84 @@ impl Sim {
                         at = at.max(c.last_at[dir]);
                         c.last_at[dir] = at;
                     }
+                    let twice = matches!(msg, crate::proto::PeerMsg::Deliver { .. })
+                        && self.net.duplicate_rate > 0.0
+                        && self.rng.random_bool(self.net.duplicate_rate);
+                    if twice {
+                        self.schedule(
+                            at,
+                            to,
+                            Event::Received {
+                                conn,
+                                msg: msg.clone(),
+                            },
+                        );
+                    }
                     self.schedule(at, to, Event::Received { conn, msg });
                 }
                 Action::Close { conn, .. } => self.close_conn(conn, Some(from)),
-                Action::Superseded(s) => self.superseded.push((from, s)),
+                Action::Superseded(s) => {
+                    if s.moved {
+                        // As the broker does: the agent's unread messages follow it.
+                        self.stores[from].forward_inbox(&s.name, s.winner.owner);
+                        self.store_changed(from);
+                    }
+                    self.superseded.push((from, s));
+                }
                 Action::Refused { addr, reason } => self.refusals.push((from, addr, reason)),
                 Action::PeerUp { .. } | Action::PeerDown { .. } => {}
+                Action::ReadOutbox {
+                    dest,
+                    conn,
+                    after,
+                    limit,
+                } => {
+                    let entries = self.stores[from].outbox(dest, after, limit);
+                    let now = self.now;
+                    if let Some(n) = self.nodes[from].as_mut() {
+                        let more = n.step(
+                            now,
+                            Event::OutboxRead {
+                                dest,
+                                conn,
+                                entries,
+                            },
+                        );
+                        self.apply(from, more);
+                    }
+                }
+                Action::Accept {
+                    conn,
+                    dest,
+                    upto,
+                    entries,
+                } => {
+                    let owners: BTreeMap<String, BrokerId> = self
+                        .node(from)
+                        .registry()
+                        .agents()
+                        .iter()
+                        .map(|e| (e.name.clone(), e.owner))
+                        .collect();
+                    *self.stores[from].owners.lock().unwrap() = owners;
+                    let epoch = self.stores[from].accept(entries);
+                    let now = self.now;
+                    if let Some(n) = self.nodes[from].as_mut() {
+                        let mut more = n.step(
+                            now,
+                            Event::Stored {
+                                conn,
+                                dest,
+                                upto,
+                                epoch,
+                            },
+                        );
+                        more.extend(n.step(now, Event::Durable { epoch }));
+                        self.apply(from, more);
+                    }
+                    self.store_changed(from);
+                }
+                Action::Trim { dest, upto } => self.stores[from].trim(dest, upto),
             }
         }
     }
@@ -463,5 +622,218 @@ fn describe(ev: &Event) -> String {
         Event::DialFailed { addr, .. } => format!("dial {addr} failed"),
         Event::AgentChanged { name, .. } => format!("agent {name} changed"),
         Event::AgentRemoved { name } => format!("agent {name} removed"),
+        Event::Outbox { depths } => format!("outbox depths {depths:?}"),
+        Event::OutboxRead { dest, entries, .. } => format!("read {} for {dest}", entries.len()),
+        Event::Stored { dest, upto, .. } => format!("stored for {dest} up to {upto}"),
+        Event::Durable { epoch } => format!("durable {epoch}"),
+    }
+}
+
+/// A node's storage in the simulation: inboxes, outboxes and the delivery clock, all in memory,
+/// durable the moment they are written (a crash of the node keeps them, like a disk).
+pub struct MemStore {
+    me: BrokerId,
+    inner: Mutex<MemInner>,
+    /// Who holds each name, refreshed from the node's registry before each accept.
+    owners: Mutex<BTreeMap<String, BrokerId>>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    epoch: u64,
+    seq: u64,
+    outbox: BTreeMap<(BrokerId, u64), Envelope>,
+    last_to: BTreeMap<BrokerId, u64>,
+    clock: DeliveryClock,
+    agents: BTreeSet<AgentName>,
+    inboxes: BTreeMap<AgentName, Vec<Message>>,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+}
+
+impl MemStore {
+    pub fn new(me: BrokerId) -> MemStore {
+        MemStore {
+            me,
+            inner: Mutex::new(MemInner::default()),
+            owners: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Moves agent `name`'s inbox to broker `to` (it moved there).
+    fn forward_inbox(&self, name: &str, to: BrokerId) {
+        let Ok(n) = AgentName::new(name) else { return };
+        let mut g = self.inner.lock().unwrap();
+        g.agents.remove(&n);
+        let msgs = g.inboxes.remove(&n).unwrap_or_default();
+        for m in msgs {
+            let env = Envelope {
+                tdot: m.dot,
+                prev: 0,
+                dest: to,
+                hops: 0,
+                broadcast: false,
+                message: m,
+                queued_ms: 0,
+            };
+            Self::queue(&mut g, self.me, to, env, true);
+        }
+    }
+
+    /// Duplicates this store has dropped.
+    pub fn duplicates(&self) -> u64 {
+        self.inner.lock().unwrap().duplicates
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        from: &str,
+        to: &str,
+        content: &str,
+        owner: Option<BrokerId>,
+        broadcast: bool,
+        brokers: Vec<BrokerId>,
+        now: u64,
+    ) -> Dot {
+        let mut g = self.inner.lock().unwrap();
+        g.seq += 1;
+        g.epoch += 1;
+        let dot = Dot::new(self.me, g.seq);
+        let from = AgentName::new(from).expect("valid name");
+        let mut message = Message {
+            dot,
+            from: from.clone(),
+            to: from.clone(),
+            sent_at_ms: now,
+            content: content.into(),
+            data: None,
+            reply_to: None,
+            kind: if broadcast {
+                MessageKind::Broadcast
+            } else {
+                MessageKind::Direct
+            },
+        };
+        let dests = if broadcast {
+            let locals: Vec<AgentName> = g.agents.iter().filter(|a| **a != from).cloned().collect();
+            for a in locals {
+                let mut m = message.clone();
+                m.to = a.clone();
+                g.inboxes.entry(a).or_default().push(m);
+            }
+            brokers
+        } else {
+            let to = AgentName::new(to).expect("valid name");
+            message.to = to.clone();
+            match owner {
+                Some(b) if b != self.me => vec![b],
+                _ => {
+                    g.inboxes.entry(to).or_default().push(message.clone());
+                    Vec::new()
+                }
+            }
+        };
+        for dest in dests {
+            let prev = g.last_to.get(&dest).copied().unwrap_or(0);
+            g.last_to.insert(dest, dot.seq);
+            let env = Envelope {
+                tdot: dot,
+                prev,
+                dest,
+                hops: 0,
+                broadcast,
+                message: message.clone(),
+                queued_ms: now,
+            };
+            g.outbox.insert((dest, dot.seq), env);
+        }
+        dot
+    }
+
+    fn queue(g: &mut MemInner, me: BrokerId, dest: BrokerId, mut env: Envelope, reoriginate: bool) {
+        g.seq += 1;
+        let pos = g.seq;
+        if reoriginate {
+            let prev = g.last_to.get(&dest).copied().unwrap_or(0);
+            g.last_to.insert(dest, pos);
+            env.tdot = Dot::new(me, pos);
+            env.prev = prev;
+            env.dest = dest;
+            env.hops = 0;
+        } else {
+            env.hops += 1;
+        }
+        g.outbox.insert((dest, pos), env);
+    }
+}
+
+impl MeshStore for MemStore {
+    fn outbox(&self, dest: BrokerId, after: u64, limit: usize) -> Vec<(u64, Envelope)> {
+        let g = self.inner.lock().unwrap();
+        g.outbox
+            .range((dest, after + 1)..=(dest, u64::MAX))
+            .take(limit)
+            .map(|((_, p), e)| (*p, e.clone()))
+            .collect()
+    }
+
+    fn outbox_depths(&self) -> Vec<(BrokerId, u64)> {
+        let g = self.inner.lock().unwrap();
+        let mut d: BTreeMap<BrokerId, u64> = BTreeMap::new();
+        for (dest, _) in g.outbox.keys() {
+            *d.entry(*dest).or_default() += 1;
+        }
+        d.into_iter().collect()
+    }
+
+    fn trim(&self, dest: BrokerId, upto: u64) {
+        let mut g = self.inner.lock().unwrap();
+        g.outbox.retain(|(d, p), _| *d != dest || *p > upto);
+    }
+
+    fn accept(&self, entries: Vec<Envelope>) -> u64 {
+        let owners = self.owners.lock().unwrap().clone();
+        let mut g = self.inner.lock().unwrap();
+        for env in entries {
+            let agents = g.agents.clone();
+            let arrival = classify(
+                &env,
+                self.me,
+                &g.clock,
+                |a| agents.contains(a),
+                |a| owners.get(a.as_str()).copied(),
+                || agents.iter().cloned().collect(),
+            );
+            match arrival {
+                Arrival::Duplicate => g.duplicates += 1,
+                Arrival::Deliver(to) => {
+                    g.clock.accept(env.tdot, env.prev);
+                    for a in to {
+                        let mut m = env.message.clone();
+                        m.to = a.clone();
+                        g.inboxes.entry(a).or_default().push(m);
+                    }
+                }
+                Arrival::Hold(to) => {
+                    g.clock.accept(env.tdot, env.prev);
+                    g.inboxes.entry(to).or_default().push(env.message.clone());
+                }
+                Arrival::Relay => {
+                    let dest = env.dest;
+                    Self::queue(&mut g, self.me, dest, env, false);
+                }
+                Arrival::Forward(b) => {
+                    g.clock.accept(env.tdot, env.prev);
+                    Self::queue(&mut g, self.me, b, env, true);
+                }
+            }
+        }
+        g.epoch += 1;
+        g.epoch
+    }
+
+    fn durable(&self) -> u64 {
+        self.inner.lock().unwrap().epoch
     }
 }

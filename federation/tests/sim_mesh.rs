@@ -262,6 +262,7 @@ fn formation_survives_lossy_reordering_networks() {
         max_delay_ms: 40,
         drop_rate: 0.01,
         reorder: false,
+        duplicate_rate: 0.0,
         tick_ms: 50,
     });
     let a = sim.add(&[], None);

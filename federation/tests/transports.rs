@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use federation::driver::{self, Handle, Notice};
 use federation::node::{Event, Node, NodeConfig, Timing};
+use federation::sim::MemStore;
 use federation::transport::{Cuts, Dialer, MemNetwork, PeerStream, TcpDialer};
 use federation::wire::{Hello, Role};
 use federation::BrokerId;
@@ -46,6 +47,7 @@ fn timing() -> Timing {
         backoff_min_ms: 50,
         backoff_max_ms: 500,
         yield_ms: 600,
+        window: 64,
     }
 }
 
@@ -83,8 +85,9 @@ impl Net {
             Kind::Tcp => Arc::new(self.cuts.wrap(&addr, TcpDialer::default())),
             Kind::Mem => Arc::new(self.cuts.wrap(&addr, self.mem.dialer(&addr))),
         };
+        let id = BrokerId::random();
         let node = Node::new(NodeConfig {
-            id: BrokerId::random(),
+            id,
             advertise: addr.clone(),
             seeds: seeds
                 .iter()
@@ -99,7 +102,8 @@ impl Net {
         });
         let cancel = CancellationToken::new();
         let (ntx, nrx) = mpsc::channel(1024);
-        let handle = driver::spawn(node, dialer, ntx, cancel.clone(), &self.tracker);
+        let store = Arc::new(MemStore::new(id));
+        let handle = driver::spawn(node, dialer, store, ntx, cancel.clone(), &self.tracker);
         let (h, c) = (handle.clone(), cancel.clone());
         match listener {
             Some(l) => {

@@ -17,6 +17,7 @@
 //! in-memory sled operations. Only flushes block, and they run on the flusher task.
 
 pub mod commit;
+mod delivery;
 pub mod mesh;
 mod rate;
 pub mod retention;
@@ -30,8 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use federation::delivery::Envelope;
 use federation::message::MessageKind;
-use federation::{AgentName, BrokerId, Dot, Message};
+use federation::{AgentName, BrokerId, DeliveryClock, Dot, Message};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,6 +42,7 @@ use crate::config::{defaults, Config};
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::identity::{self, AgentRecord, SYSTEM};
 use crate::inbox::{self, Entry};
+use crate::outbox;
 use crate::protocol::{
     AgentView, Body, BrokerView, ClockEntry, Counters, MeshCounters, MessageView, Outgoing,
     PeerView, Reply, Route, Skipped, StatusView,
@@ -88,6 +91,10 @@ struct CounterCells {
     rate_limited: AtomicU64,
     flushes: AtomicU64,
     connections: AtomicU64,
+    /// Arriving envelopes dropped because they were delivered before.
+    duplicates: AtomicU64,
+    relayed: AtomicU64,
+    forwarded: AtomicU64,
 }
 
 struct State {
@@ -108,6 +115,15 @@ struct State {
     rate: RateLimiter,
     /// Names this broker's agents lost to a newer claim elsewhere, with what to tell them.
     lost: HashMap<AgentName, String>,
+    /// What has been delivered here, per origin broker (persisted with each delivery).
+    clock: DeliveryClock,
+    /// Envelopes waiting per destination broker, and in all.
+    outbox_depth: BTreeMap<BrokerId, u64>,
+    outbox_total: u64,
+    /// The last sequence queued for each destination (the `prev` of the next envelope).
+    last_to: BTreeMap<BrokerId, u64>,
+    /// An outbox was written since the flusher last looked: the mesh should stream.
+    outbox_dirty: bool,
 }
 
 struct Agent {
@@ -241,6 +257,9 @@ impl Broker {
             }
         }
 
+        let clock = outbox::load_clock(&*engine)?;
+        let (outbox_depth, last_to) = outbox::load_depths(&*engine)?;
+        let outbox_total = outbox_depth.values().sum();
         let (commit, wake, durable_tx) = Commit::new(Durable {
             epoch: 0,
             arrival: old_ceiling,
@@ -265,6 +284,11 @@ impl Broker {
                     to_wake: Vec::new(),
                     rate,
                     lost: HashMap::new(),
+                    clock,
+                    outbox_depth,
+                    outbox_total,
+                    last_to,
+                    outbox_dirty: false,
                 }),
                 commit,
                 started: Instant::now(),
@@ -388,8 +412,14 @@ impl Broker {
         b.delete(keys::agent(&name));
         if self.apply(&mut st, b).is_ok() {
             st.agents.remove(&name);
+            if s.moved {
+                // Its unread messages follow it.
+                self.forward_inbox(&mut st, &name, s.winner.owner);
+            }
             st.lost.insert(name, why);
         }
+        drop(st);
+        self.commit().request();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -424,11 +454,17 @@ impl Broker {
                             d.epoch = d.epoch.max(epoch);
                             d.arrival = d.arrival.max(arrival);
                         });
-                        let s = self.state();
+                        let mut s = self.state();
                         for name in to_wake {
                             if let Some(n) = s.waiters.get(&name) {
                                 n.notify_waiters();
                             }
+                        }
+                        s.outbox_dirty = false;
+                        drop(s);
+                        // New envelopes are streamable, acknowledgements sendable.
+                        if let Some(m) = self.mesh() {
+                            m.store_changed();
                         }
                     }
                     Ok(Err(e)) => {
@@ -849,7 +885,7 @@ impl Broker {
             Ok(r) => r,
             Err(e) => return Err(WireError::from(e)).into(),
         };
-        let to_name = match self.parse_recipient(&to) {
+        let (to_name, remote) = match self.parse_recipient(&to) {
             Ok(n) => n,
             Err(e) => return Err(e).into(),
         };
@@ -886,16 +922,12 @@ impl Broker {
                     to: t.to_string(),
                 },
             ),
-            None if self.held_elsewhere(&to_name, now).is_some() => {
-                let owner = self.held_elsewhere(&to_name, now).map(|e| e.owner);
-                return Err(WireError::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "{to_name} is attached to broker {}; this build cannot deliver across brokers yet",
-                        owner.map_or_else(String::new, |o| o.to_string())
-                    ),
-                ))
-                .into();
+            None if remote.is_some() || self.held_elsewhere(&to_name, now).is_some() => {
+                let owner = remote
+                    .or_else(|| self.held_elsewhere(&to_name, now).map(|e| e.owner))
+                    .expect("checked");
+                return self
+                    .send_remote(s, from, to_name, owner, now, content, data, reply_to, dedup);
             }
             None if hold || s.unread.contains_key(&to_name) => (
                 to_name.clone(),
@@ -983,8 +1015,9 @@ impl Broker {
         }
     }
 
-    /// `name` or `name@broker-id`; only this broker's id is accepted for now.
-    fn parse_recipient(&self, to: &str) -> Result<AgentName, WireError> {
+    /// `name`, or `name@broker-id` for an agent on a given broker (this one or one the mesh
+    /// knows).
+    fn parse_recipient(&self, to: &str) -> Result<(AgentName, Option<BrokerId>), WireError> {
         let (name, broker) = match to.split_once('@') {
             Some((n, b)) => (n, Some(b)),
             None => (to, None),
@@ -995,16 +1028,122 @@ impl Broker {
                 "\"system\" sends notices; it cannot receive messages",
             ));
         }
-        if let Some(b) = broker {
-            let id: BrokerId = b.parse()?;
-            if id != self.inner.id {
-                return Err(WireError::new(
-                    ErrorKind::UnknownRecipient,
-                    format!("broker {id} is not known here; address the agent by name alone"),
-                ));
-            }
+        let Some(b) = broker else {
+            return Ok((name, None));
+        };
+        let id: BrokerId = b.parse()?;
+        if id == self.inner.id {
+            return Ok((name, None));
         }
-        Ok(name)
+        let known = self.mesh().is_some_and(|m| m.known_brokers().contains(&id));
+        if !known {
+            return Err(WireError::new(
+                ErrorKind::UnknownRecipient,
+                format!("broker {id} is not part of this mesh; check the id with `ipc-mesh status`, or address the agent by name alone"),
+            ));
+        }
+        Ok((name, Some(id)))
+    }
+
+    /// Queues a direct message for the broker that holds its recipient.
+    #[allow(clippy::too_many_arguments)]
+    fn send_remote(
+        &self,
+        mut s: MutexGuard<'_, State>,
+        from: AgentName,
+        to: AgentName,
+        owner: BrokerId,
+        now: u64,
+        content: String,
+        data: Option<String>,
+        reply_to: Option<Dot>,
+        dedup: Option<Vec<u8>>,
+    ) -> Outcome {
+        let max = self.inner.config.limits.outbox_max;
+        if s.outbox_total >= max {
+            return Err(WireError::new(
+                ErrorKind::Unavailable,
+                format!("this broker's outbox is full ({max} messages waiting for other brokers); the message was not sent. Retry when the mesh has caught up"),
+            ))
+            .into();
+        }
+        let seq = match self.next_seq(&mut s) {
+            Ok(q) => q,
+            Err(e) => return Err(e).into(),
+        };
+        let dot = Dot::new(self.inner.id, seq);
+        let message = Message {
+            dot,
+            from: from.clone(),
+            to: to.clone(),
+            sent_at_ms: now,
+            content,
+            data,
+            reply_to,
+            kind: MessageKind::Direct,
+        };
+        let route = Route::Remote {
+            to: to.to_string(),
+            broker: owner.to_string(),
+        };
+        let mut batch = Batch::new();
+        self.enqueue(&mut s, &mut batch, owner, seq, dot, false, message, now);
+        if let Some(k) = dedup {
+            let entry = DedupEntry {
+                id: dot.to_string(),
+                route: route.clone(),
+                at_ms: now,
+            };
+            batch.put(k, federation::wire::encode(&entry));
+        }
+        let epoch = match self.apply(&mut s, batch) {
+            Ok(e) => e,
+            Err(e) => return Err(e).into(),
+        };
+        s.last_arrival = seq;
+        let unread = Self::unread_of(&s, &from);
+        drop(s);
+        self.count_stored(1);
+        Outcome::AfterCommit {
+            epoch,
+            reply: Reply::Sent {
+                id: dot.to_string(),
+                route,
+                unread,
+            },
+        }
+    }
+
+    /// Adds an envelope for `dest` to the batch, from this broker's chain to `dest`, at outbox
+    /// position `seq`. Call with the lock held; the caller applies the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        s: &mut State,
+        batch: &mut Batch,
+        dest: BrokerId,
+        seq: u64,
+        tdot: Dot,
+        broadcast: bool,
+        message: Message,
+        now: u64,
+    ) {
+        let prev = s.last_to.get(&dest).copied().unwrap_or(0);
+        s.last_to.insert(dest, tdot.seq);
+        batch.put(outbox::chain_key(dest), tdot.seq.to_be_bytes().to_vec());
+        let env = Envelope {
+            tdot,
+            prev,
+            dest,
+            hops: 0,
+            broadcast,
+            message,
+            queued_ms: now,
+        };
+        batch.put(outbox::key(dest, seq), federation::wire::encode(&env));
+        *s.outbox_depth.entry(dest).or_default() += 1;
+        s.outbox_total += 1;
+        s.outbox_dirty = true;
     }
 
     fn count_stored(&self, n: u64) {

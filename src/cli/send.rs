@@ -47,6 +47,7 @@ pub async fn run(ctx: Ctx, a: SendArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("note: {from} is now {to}; delivered to {to}")
             }
             Route::Held { to } => eprintln!("note: held for {to}, who has not registered yet"),
+            Route::Remote { to, broker } => eprintln!("note: queued for {to} on broker {broker}"),
         }
     }
     Ok(ExitCode::SUCCESS)

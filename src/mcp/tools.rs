@@ -407,6 +407,7 @@ async fn send_message(
                 Route::Local { to } => (to, "local"),
                 Route::Forwarded { to, .. } => (to, "forwarded"),
                 Route::Held { to } => (to, "held"),
+                Route::Remote { to, .. } => (to, "remote"),
             };
             Ok((id, to, kind, unread))
         }

@@ -77,6 +77,12 @@ pub mod keys {
     pub const READ: u8 = b'r';
     /// Agent records: `a` + name → encoded record.
     pub const AGENT: u8 = b'a';
+    /// Outboxes: `o` + destination broker (u32 BE) + position (u64 BE) → encoded envelope.
+    pub const OUTBOX: u8 = b'o';
+    /// The last sequence queued per destination: `q` + destination → u64 BE.
+    pub const CHAIN: u8 = b'q';
+    /// The delivery clock: `c` + origin broker → encoded origin clock.
+    pub const CLOCK: u8 = b'c';
     /// Send dedup keys: `k` + sender + `\0` + key → encoded [`crate::broker::DedupEntry`].
     pub const DEDUP: u8 = b'k';
 

@@ -1,0 +1,268 @@
+//! The broker's side of cross-broker delivery: its storage, as the mesh node sees it.
+//!
+//! 1. `outbox` hands the node durable envelopes to stream; `trim` deletes what the next hop
+//!    acknowledged (not flushed: if that is lost in a crash, the envelopes go again and the
+//!    receiver drops them as duplicates).
+//! 2. `accept` classifies each arriving envelope ([`federation::delivery::classify`]) and
+//!    writes the outcome (inbox entries, relayed or forwarded envelopes, the clock) in one
+//!    atomic batch. The node acknowledges once the flush that covers it is done.
+//! 3. Agents that moved take their unread messages with them; messages held for a name that
+//!    turns up on another broker go there.
+
+use federation::delivery::{classify, Arrival, Envelope, MeshStore};
+use federation::{AgentName, BrokerId, Dot};
+
+use super::{Broker, State};
+use crate::inbox;
+use crate::outbox;
+use crate::storage::{keys, Batch};
+
+/// The broker's storage, for its mesh node.
+pub struct Store(pub Broker);
+
+impl MeshStore for Store {
+    fn outbox(&self, dest: BrokerId, after: u64, limit: usize) -> Vec<(u64, Envelope)> {
+        let visible = self.0.commit().durable().arrival;
+        outbox::read(&*self.0.inner.engine, dest, after, visible, limit).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the outbox");
+            Vec::new()
+        })
+    }
+
+    fn outbox_depths(&self) -> Vec<(BrokerId, u64)> {
+        let s = self.0.state();
+        s.outbox_depth
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(d, n)| (*d, *n))
+            .collect()
+    }
+
+    fn trim(&self, dest: BrokerId, upto: u64) {
+        let b = &self.0;
+        let mut s = b.state();
+        let mut batch = Batch::new();
+        let mut after: Option<Vec<u8>> = None;
+        let prefix = outbox::prefix(dest);
+        'pages: loop {
+            let page = match b.inner.engine.scan(&prefix, after.as_deref(), 1024) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot trim the outbox");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            for (k, _) in page {
+                match outbox::parse_key(&k) {
+                    Some((_, pos)) if pos <= upto => batch.delete(k),
+                    _ => break 'pages,
+                }
+            }
+        }
+        let n = batch.ops.len() as u64;
+        if n > 0 && b.apply(&mut s, batch).is_ok() {
+            let d = s.outbox_depth.entry(dest).or_default();
+            *d = d.saturating_sub(n);
+            s.outbox_total = s.outbox_total.saturating_sub(n);
+        }
+    }
+
+    fn accept(&self, entries: Vec<Envelope>) -> u64 {
+        let b = &self.0;
+        let me = b.id();
+        let mesh = b.mesh_handle();
+        let now = super::now_ms();
+        let mut s = b.state();
+        let mut batch = Batch::new();
+        let mut touched: Vec<BrokerId> = Vec::new();
+        let c = &b.inner.counters;
+        for env in entries {
+            let arrival = {
+                let st: &State = &s;
+                classify(
+                    &env,
+                    me,
+                    &st.clock,
+                    |a| st.agents.get(a).is_some_and(|x| !x.record.is_forward()),
+                    |a| {
+                        mesh.as_ref()
+                            .and_then(|m| m.lookup(a.as_str()))
+                            .map(|e| e.owner)
+                    },
+                    || {
+                        st.agents
+                            .iter()
+                            .filter(|(_, x)| !x.record.is_forward())
+                            .map(|(n, _)| n.clone())
+                            .collect()
+                    },
+                )
+            };
+            match arrival {
+                Arrival::Duplicate => {
+                    c.duplicates
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Arrival::Deliver(to) => {
+                    s.clock.accept(env.tdot, env.prev);
+                    touched.push(env.tdot.origin);
+                    for agent in to {
+                        b.put_inbox(&mut s, &mut batch, &agent, &env.message);
+                    }
+                }
+                Arrival::Hold(to) => {
+                    s.clock.accept(env.tdot, env.prev);
+                    touched.push(env.tdot.origin);
+                    b.put_inbox(&mut s, &mut batch, &to, &env.message);
+                }
+                Arrival::Relay => {
+                    let Ok(pos) = b.next_seq(&mut s) else {
+                        continue;
+                    };
+                    let mut env = env;
+                    env.hops += 1;
+                    batch.put(outbox::key(env.dest, pos), federation::wire::encode(&env));
+                    *s.outbox_depth.entry(env.dest).or_default() += 1;
+                    s.outbox_total += 1;
+                    s.last_arrival = pos;
+                    c.relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Arrival::Forward(dest) => {
+                    s.clock.accept(env.tdot, env.prev);
+                    touched.push(env.tdot.origin);
+                    let Ok(pos) = b.next_seq(&mut s) else {
+                        continue;
+                    };
+                    b.enqueue(
+                        &mut s,
+                        &mut batch,
+                        dest,
+                        pos,
+                        Dot::new(me, pos),
+                        false,
+                        env.message,
+                        now,
+                    );
+                    s.last_arrival = pos;
+                    c.forwarded
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for origin in touched {
+            if let Some(o) = s.clock.origin(origin) {
+                batch.put(outbox::clock_key(origin), federation::wire::encode(o));
+            }
+        }
+        if batch.is_empty() {
+            return s.epoch;
+        }
+        match b.apply(&mut s, batch) {
+            Ok(epoch) => {
+                drop(s);
+                b.commit().request();
+                epoch
+            }
+            Err(e) => {
+                // Nothing was stored: the epoch never becomes durable for this write, so no
+                // acknowledgement goes out and the sender will send again.
+                tracing::error!(error = %e.message, "cannot store arriving messages");
+                u64::MAX
+            }
+        }
+    }
+
+    fn durable(&self) -> u64 {
+        self.0.commit().durable().epoch
+    }
+}
+
+impl Broker {
+    /// Puts a message that arrived from the mesh into a local inbox. Call with the lock held.
+    fn put_inbox(&self, s: &mut State, batch: &mut Batch, to: &AgentName, m: &federation::Message) {
+        let Ok(pos) = self.next_seq(s) else { return };
+        let mut m = m.clone();
+        m.to = to.clone();
+        inbox::put_unread(batch, to, pos, inbox::encode_message(&m));
+        *s.unread.entry(to.clone()).or_default() += 1;
+        s.last_arrival = pos;
+        s.to_wake.push(to.clone());
+        self.inner
+            .counters
+            .messages_stored
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sends `name`'s unread messages to broker `dest`, where it lives now. Call with the lock
+    /// held; returns how many went.
+    pub(super) fn forward_inbox(&self, s: &mut State, name: &AgentName, dest: BrokerId) -> u64 {
+        let visible = u64::MAX;
+        let entries =
+            match inbox::unread(&*self.inner.engine, name, visible, usize::MAX, usize::MAX) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read an inbox to forward it");
+                    return 0;
+                }
+            };
+        if entries.is_empty() {
+            return 0;
+        }
+        let now = super::now_ms();
+        let mut batch = Batch::new();
+        let mut n = 0;
+        for e in entries {
+            let Ok(pos) = self.next_seq(s) else { break };
+            batch.delete(keys::inbox(keys::UNREAD, name, e.arrival));
+            self.enqueue(
+                s,
+                &mut batch,
+                dest,
+                pos,
+                Dot::new(self.id(), pos),
+                false,
+                e.message,
+                now,
+            );
+            s.last_arrival = pos;
+            n += 1;
+        }
+        if self.apply(s, batch).is_ok() {
+            s.unread.remove(name);
+            tracing::info!(agent = %name, to = %dest, messages = n, "forwarded unread messages to the agent's new broker");
+            n
+        } else {
+            0
+        }
+    }
+
+    /// Messages held here for names that have since registered on another broker go there.
+    pub fn forward_held(&self) {
+        let Some(mesh) = self.mesh_handle() else {
+            return;
+        };
+        let mut s = self.state();
+        let held: Vec<AgentName> = s
+            .unread
+            .iter()
+            .filter(|(n, c)| **c > 0 && s.agents.get(*n).is_none_or(|a| a.record.is_forward()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut any = false;
+        for name in held {
+            if let Some(e) = mesh.lookup(name.as_str()) {
+                if e.owner != self.id() {
+                    any |= self.forward_inbox(&mut s, &name, e.owner) > 0;
+                }
+            }
+        }
+        drop(s);
+        if any {
+            self.commit().request();
+        }
+    }
+}
