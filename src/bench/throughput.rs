@@ -13,6 +13,8 @@
 //! 5. `acked_per_sec` is messages over the time to the last acknowledgement;
 //!    `delivered_per_sec` is messages over the time to the last delivery. Then note the RSS.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -35,6 +37,8 @@ pub struct Params {
 const DRAIN_LIMIT: u32 = 1000;
 /// How long one drain request may wait for a message before asking again.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
+/// How long past its own timeout a wait may go unanswered before the run fails.
+const UNANSWERED: Duration = Duration::from_secs(10);
 
 /// Runs one throughput measurement.
 pub async fn run(target: &Target, p: &Params) -> anyhow::Result<Metrics> {
@@ -60,26 +64,24 @@ pub async fn run(target: &Target, p: &Params) -> anyhow::Result<Metrics> {
     // Generous: a broker a hundred times slower than the target still finishes.
     let deadline = Duration::from_secs(60) + Duration::from_millis(2 * p.messages);
 
+    // Progress, for the error when a run does not finish: (acknowledged, delivered).
+    let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let start = Instant::now();
     let mut drains = Vec::with_capacity(p.recipients);
     for ((conn, _name), want) in recipients.iter().zip(&expected) {
         let (conn, want, prefix) = (conn.clone(), *want, prefix.clone());
-        drains.push(tokio::spawn(
-            async move { drain(conn, want, &prefix).await },
-        ));
+        let progress = progress.clone();
+        drains.push(tokio::spawn(async move {
+            drain(conn, want, &prefix, &progress.1).await
+        }));
     }
     let mut sends = Vec::with_capacity(p.senders);
     for (i, conn) in senders.iter().enumerate() {
         let to: Vec<String> = recipients.iter().map(|(_, n)| n.clone()).collect();
-        let (conn, n, size, window, prefix) = (
-            conn.clone(),
-            share(p.senders, p.messages, i),
-            p.size,
-            p.window,
-            prefix.clone(),
-        );
+        let (conn, params, prefix, progress) =
+            (conn.clone(), p.clone(), prefix.clone(), progress.clone());
         sends.push(tokio::spawn(async move {
-            send_all(conn, i, &to, n, size, window, &prefix).await
+            send_all(conn, i, &to, &params, &prefix, &progress.0).await
         }));
     }
 
@@ -96,7 +98,14 @@ pub async fn run(target: &Target, p: &Params) -> anyhow::Result<Metrics> {
     };
     let (last_ack, last_delivery) = tokio::time::timeout(deadline, work)
         .await
-        .map_err(|_| anyhow::anyhow!("throughput run did not finish within {deadline:?}"))??;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "throughput run did not finish within {deadline:?}: {} of {} sends acknowledged, {} delivered",
+                progress.0.load(Ordering::Relaxed),
+                p.messages,
+                progress.1.load(Ordering::Relaxed)
+            )
+        })??;
     let rss_end = brokers.rss_mib();
     for (c, _) in &recipients {
         c.close();
@@ -148,21 +157,22 @@ fn expected_per_recipient(senders: usize, recipients: usize, messages: u64) -> V
     expected
 }
 
-/// Sends `n` messages with up to `window` in flight; returns when the last was acknowledged.
+/// Sends this sender's share with up to `window` in flight; returns when the last was acknowledged.
 async fn send_all(
     conn: crate::client::Connection,
     sender: usize,
     to: &[String],
-    n: u64,
-    size: usize,
-    window: usize,
+    p: &Params,
     prefix: &str,
+    acked_count: &AtomicU64,
 ) -> anyhow::Result<Instant> {
-    let text = content(sender as u64, size);
+    let text = content(sender as u64, p.size);
+    let n = share(p.senders, p.messages, sender);
     let mut in_flight = FuturesUnordered::new();
     for k in 0..n {
-        while in_flight.len() >= window {
+        while in_flight.len() >= p.window {
             acked(in_flight.next().await)?;
+            acked_count.fetch_add(1, Ordering::Relaxed);
         }
         let out = Outgoing {
             to: to[(sender + k as usize) % to.len()].clone(),
@@ -175,6 +185,7 @@ async fn send_all(
     // Bounded: at most `window` left.
     while !in_flight.is_empty() {
         acked(in_flight.next().await)?;
+        acked_count.fetch_add(1, Ordering::Relaxed);
     }
     Ok(Instant::now())
 }
@@ -192,6 +203,7 @@ async fn drain(
     conn: crate::client::Connection,
     want: u64,
     prefix: &str,
+    delivered: &AtomicU64,
 ) -> anyhow::Result<Instant> {
     let mut got = 0u64;
     let mut last = Instant::now();
@@ -202,13 +214,21 @@ async fn drain(
         if got >= want {
             break;
         }
-        let reply = conn
-            .call(Body::Wait {
-                timeout_ms: DRAIN_WAIT.as_millis() as u64,
-                limit: DRAIN_LIMIT,
-                mark_read: true,
-            })
+        let wait = conn.call(Body::Wait {
+            timeout_ms: DRAIN_WAIT.as_millis() as u64,
+            limit: DRAIN_LIMIT,
+            mark_read: true,
+        });
+        // The broker owes an answer within DRAIN_WAIT plus one flush; far past that, say so
+        // instead of hanging until the run's deadline.
+        let reply = tokio::time::timeout(DRAIN_WAIT + UNANSWERED, wait)
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "a recipient's wait (timeout {DRAIN_WAIT:?}) went unanswered for {:?}, with {got} of {want} messages delivered",
+                    DRAIN_WAIT + UNANSWERED
+                )
+            })?
             .context("a recipient could not fetch")?;
         let Reply::Messages { messages, .. } = reply else {
             anyhow::bail!("unexpected reply to a wait: {reply:?}");
@@ -219,6 +239,7 @@ async fn drain(
             .count() as u64;
         if ours > 0 {
             got += ours;
+            delivered.fetch_add(ours, Ordering::Relaxed);
             last = Instant::now();
         }
     }
