@@ -214,8 +214,14 @@ pub struct PeerView {
     /// `up`, `connecting` or `down`.
     pub state: String,
     pub rtt_ms: Option<f64>,
-    /// Messages waiting for this peer.
+    /// Messages waiting for this peer (including those in flight).
     pub outbox: u64,
+    /// Sent to it and not yet acknowledged.
+    pub in_flight: u64,
+    /// The highest outbox position it acknowledged.
+    pub acked: u64,
+    /// Age of the oldest message waiting for it, in milliseconds.
+    pub oldest_ms: Option<u64>,
     /// Milliseconds since the peer was last heard.
     pub last_heard_ms: Option<u64>,
     /// Why the last link attempt was refused, if it was (a wrong secret, say).
@@ -247,4 +253,10 @@ pub struct Counters {
     pub errors: u64,
     pub rate_limited: u64,
     pub flushes: u64,
+    /// Messages from other brokers dropped because they had been delivered already.
+    pub duplicates_dropped: u64,
+    /// Envelopes passed on towards another broker.
+    pub relayed: u64,
+    /// Messages sent on to the broker their recipient moved to.
+    pub forwarded: u64,
 }

@@ -32,21 +32,42 @@ pub trait Dialer: Send + Sync + 'static {
 /// Real TCP.
 pub struct TcpDialer {
     pub timeout: Duration,
+    /// The local address outgoing links come from (the broker's listen IP), so firewalls and
+    /// peers see one address per broker.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl Default for TcpDialer {
     fn default() -> Self {
         TcpDialer {
             timeout: Duration::from_secs(3),
+            bind: None,
         }
     }
 }
 
+async fn connect(addr: &str, bind: Option<std::net::IpAddr>) -> io::Result<tokio::net::TcpStream> {
+    let Some(ip) = bind else {
+        return tokio::net::TcpStream::connect(addr).await;
+    };
+    let target = tokio::net::lookup_host(addr)
+        .await?
+        .find(|a| a.is_ipv4() == ip.is_ipv4())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address of the right family"))?;
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+    socket.connect(target).await
+}
+
 impl Dialer for TcpDialer {
     fn dial(&self, addr: &str) -> DialFuture {
-        let (addr, timeout) = (addr.to_string(), self.timeout);
+        let (addr, timeout, bind) = (addr.to_string(), self.timeout, self.bind);
         Box::pin(async move {
-            let s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr))
+            let s = tokio::time::timeout(timeout, connect(&addr, bind))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
             let _ = s.set_nodelay(true);

@@ -24,7 +24,7 @@ pub mod retention;
 pub mod server;
 mod session;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1166,7 +1166,34 @@ impl Broker {
             Err(e) => return Err(e).into(),
         };
         let dot = Dot::new(self.inner.id, seq);
-        let (epoch, reached, skipped) = match self.deliver_to_all(
+        // Every other broker of the mesh gets one envelope (one link send per peer), and
+        // delivers it to every agent attached there; brokers unreachable now get it when they
+        // come back.
+        let (remote_brokers, remote_agents) = match self.mesh() {
+            Some(m) => {
+                let agents = m.agents();
+                let mut brokers: BTreeSet<BrokerId> = m.known_brokers().into_iter().collect();
+                brokers.extend(agents.iter().map(|e| e.owner));
+                brokers.remove(&self.inner.id);
+                let n = agents
+                    .iter()
+                    .filter(|e| e.owner != self.inner.id && e.name != from.as_str())
+                    .count() as u32;
+                (brokers, n)
+            }
+            None => (BTreeSet::new(), 0),
+        };
+        let message = Message {
+            dot,
+            from: from.clone(),
+            to: from.clone(),
+            sent_at_ms: now,
+            content: content.clone(),
+            data: data.clone(),
+            reply_to: None,
+            kind: MessageKind::Broadcast,
+        };
+        let (epoch, local, skipped) = match self.deliver_to_all(
             &mut s,
             &from,
             dot,
@@ -1178,9 +1205,31 @@ impl Broker {
             Ok(r) => r,
             Err(e) => return Err(e).into(),
         };
+        let epoch = if remote_brokers.is_empty() {
+            epoch
+        } else {
+            let mut batch = Batch::new();
+            for dest in remote_brokers {
+                self.enqueue(
+                    &mut s,
+                    &mut batch,
+                    dest,
+                    seq,
+                    dot,
+                    true,
+                    message.clone(),
+                    now,
+                );
+            }
+            match self.apply(&mut s, batch) {
+                Ok(e) => e,
+                Err(e) => return Err(e).into(),
+            }
+        };
+        let reached = local + remote_agents;
         let unread = Self::unread_of(&s, &from);
         drop(s);
-        self.count_stored(reached as u64);
+        self.count_stored(local as u64);
         Outcome::AfterCommit {
             epoch,
             reply: Reply::Broadcast {
@@ -1567,19 +1616,56 @@ impl Broker {
         let Some(m) = self.mesh() else {
             return Vec::new();
         };
-        m.snapshot()
+        let flows = m.with_node(|n| n.outflow_status());
+        let now = now_ms();
+        let depths = self.state().outbox_depth.clone();
+        let mut views: Vec<PeerView> = m
+            .snapshot()
             .peers
             .into_iter()
-            .map(|p| PeerView {
-                id: p.id.map_or_else(|| "?".to_string(), |i| i.to_string()),
-                addr: p.addr,
-                state: p.state.as_str().to_string(),
-                rtt_ms: p.rtt_ms,
-                outbox: 0,
-                last_heard_ms: p.last_heard_ms,
-                refused: p.refused,
+            .map(|p| {
+                let flow = p.id.and_then(|id| flows.iter().find(|f| f.dest == id));
+                let outbox = p.id.and_then(|id| depths.get(&id).copied()).unwrap_or(0);
+                PeerView {
+                    id: p.id.map_or_else(|| "?".to_string(), |i| i.to_string()),
+                    addr: p.addr,
+                    state: p.state.as_str().to_string(),
+                    rtt_ms: p.rtt_ms,
+                    outbox,
+                    in_flight: flow.map_or(0, |f| f.in_flight),
+                    acked: flow.map_or(0, |f| f.acked),
+                    oldest_ms: p
+                        .id
+                        .filter(|_| outbox > 0)
+                        .and_then(|id| self.oldest_queued(id, now)),
+                    last_heard_ms: p.last_heard_ms,
+                    refused: p.refused,
+                }
             })
-            .collect()
+            .collect();
+        // Outboxes for brokers known only from the registry (never linked) are shown too.
+        for (dest, n) in depths {
+            if n > 0 && !views.iter().any(|v| v.id == dest.to_string()) {
+                views.push(PeerView {
+                    id: dest.to_string(),
+                    addr: String::new(),
+                    state: "down".into(),
+                    rtt_ms: None,
+                    outbox: n,
+                    in_flight: 0,
+                    acked: 0,
+                    oldest_ms: self.oldest_queued(dest, now),
+                    last_heard_ms: None,
+                    refused: None,
+                });
+            }
+        }
+        views
+    }
+
+    fn oldest_queued(&self, dest: BrokerId, now: u64) -> Option<u64> {
+        let first = outbox::read(&*self.inner.engine, dest, 0, u64::MAX, 1).ok()?;
+        first.first().map(|(_, e)| now.saturating_sub(e.queued_ms))
     }
 
     pub fn status(&self) -> StatusView {
@@ -1620,10 +1706,15 @@ impl Broker {
                     }
                 })
                 .unwrap_or_default(),
-            clock: vec![ClockEntry {
-                origin: self.inner.id.to_string(),
-                delivered: self.inner.commit.durable().arrival,
-            }],
+            clock: self
+                .state()
+                .clock
+                .iter()
+                .map(|(origin, o)| ClockEntry {
+                    origin: origin.to_string(),
+                    delivered: o.contiguous,
+                })
+                .collect(),
             counters: Counters {
                 messages_accepted: load(&c.messages_accepted),
                 messages_stored: load(&c.messages_stored),
@@ -1632,6 +1723,9 @@ impl Broker {
                 errors: load(&c.errors),
                 rate_limited: load(&c.rate_limited),
                 flushes: load(&c.flushes),
+                duplicates_dropped: load(&c.duplicates),
+                relayed: load(&c.relayed),
+                forwarded: load(&c.forwarded),
             },
         }
     }

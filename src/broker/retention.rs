@@ -136,6 +136,71 @@ impl Broker {
             swept.expired += n_expired;
         }
 
+        // Envelopes that waited for another broker longer than the retention expire; their
+        // senders (when attached here) are told.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = engine.scan(&[keys::OUTBOX], after.as_deref(), 1024)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            let mut s = self.state();
+            let mut batch = Batch::new();
+            for (k, v) in &page {
+                let Ok(env) = crate::outbox::decode(v) else {
+                    continue;
+                };
+                if env.queued_ms > cutoff {
+                    continue;
+                }
+                let Some((dest, _)) = crate::outbox::parse_key(k) else {
+                    continue;
+                };
+                batch.delete(k.clone());
+                if let Some(d) = s.outbox_depth.get_mut(&dest) {
+                    *d = d.saturating_sub(1);
+                }
+                s.outbox_total = s.outbox_total.saturating_sub(1);
+                swept.expired += 1;
+                let m = env.message;
+                let sender_here = s
+                    .agents
+                    .get(&m.from)
+                    .is_some_and(|a| !a.record.is_forward());
+                if !sender_here || m.from.as_str() == SYSTEM {
+                    tracing::warn!(id = %m.dot, to = %m.to, "a message expired undelivered; its sender is not attached here to be told");
+                    continue;
+                }
+                let Ok(seq) = self.next_seq(&mut s) else {
+                    break;
+                };
+                let notice = Message {
+                    dot: Dot::new(self.id(), seq),
+                    from: AgentName::new(SYSTEM).expect("valid"),
+                    to: m.from.clone(),
+                    sent_at_ms: now,
+                    content: format!(
+                        "⌛ your message {} to {} expired undelivered after {} (broker {} could not be reached): {}",
+                        m.dot,
+                        if env.broadcast { "everyone".to_string() } else { m.to.to_string() },
+                        humantime::format_duration(self.config().limits.retention),
+                        dest,
+                        preview(&m.content)
+                    ),
+                    data: Some(serde_json::json!({"expired": m.dot.to_string(), "to": m.to.to_string()}).to_string()),
+                    reply_to: Some(m.dot),
+                    kind: MessageKind::Notice,
+                };
+                inbox::put_unread(&mut batch, &m.from, seq, inbox::encode_message(&notice));
+                *s.unread.entry(m.from.clone()).or_default() += 1;
+                s.last_arrival = seq;
+                s.to_wake.push(m.from);
+            }
+            if !batch.is_empty() {
+                self.apply(&mut s, batch)
+                    .map_err(|e| crate::error::Error::Storage(e.message))?;
+            }
+        }
+
         // Forget send dedup keys older than the retention.
         let mut after: Option<Vec<u8>> = None;
         loop {

@@ -64,9 +64,17 @@ fn human(s: &StatusView) -> String {
                 vec![
                     p.id.clone(),
                     p.addr.clone(),
-                    p.state.clone(),
+                    match &p.refused {
+                        Some(r) if p.state != "up" => format!("{} (refused: {r})", p.state),
+                        _ => p.state.clone(),
+                    },
                     p.rtt_ms.map_or("-".into(), |r| format!("{r:.1} ms")),
                     p.outbox.to_string(),
+                    p.in_flight.to_string(),
+                    p.oldest_ms.map_or("-".into(), |ms| {
+                        humantime::format_duration(Duration::from_millis(ms - ms % 1000))
+                            .to_string()
+                    }),
                 ]
             })
             .collect();
@@ -102,8 +110,9 @@ fn human(s: &StatusView) -> String {
     }
     let c = &s.counters;
     out.push_str(&format!(
-        "\ncounters\n  accepted {}  stored {}  expired {}  requests {}  errors {}  rate-limited {}  flushes {}\n",
-        c.messages_accepted, c.messages_stored, c.messages_expired, c.requests, c.errors, c.rate_limited, c.flushes
+        "\ncounters\n  accepted {}  stored {}  expired {}  requests {}  errors {}  rate-limited {}  flushes {}\n  duplicates dropped {}  relayed {}  forwarded {}\n",
+        c.messages_accepted, c.messages_stored, c.messages_expired, c.requests, c.errors, c.rate_limited, c.flushes,
+        c.duplicates_dropped, c.relayed, c.forwarded
     ));
     out
 }
