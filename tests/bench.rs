@@ -281,10 +281,50 @@ fn a_running_broker_is_measured_and_left_running() {
 }
 
 #[test]
-fn two_brokers_are_refused_plainly_until_federation_lands() {
+fn two_brokers_carry_throughput_and_latency_across_the_link_and_clean_up() {
+    let t = tmp();
+    let out = bench(
+        t.path(),
+        &[
+            "bench",
+            "throughput",
+            "--brokers",
+            "2",
+            "--messages",
+            "200",
+            "--senders",
+            "2",
+            "--recipients",
+            "2",
+            "--json",
+        ],
+    );
+    let v = fields(&out, &["acked_per_sec", "delivered_per_sec", "rss_mib"]);
+    assert_eq!(v["brokers"], 2);
+    let out = bench(
+        t.path(),
+        &[
+            "bench",
+            "latency",
+            "--brokers",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "500ms",
+            "--json",
+        ],
+    );
+    let v = fields(&out, &["p50_ms", "p99_ms", "max_ms", "rate"]);
+    assert_eq!(v["brokers"], 2);
+    assert_clean(t.path());
+}
+
+#[test]
+fn too_many_brokers_are_refused_plainly() {
     let t = tmp();
     let out = Command::new(BIN)
-        .args(["bench", "throughput", "--brokers", "2", "--messages", "10"])
+        .args(["bench", "throughput", "--brokers", "11", "--messages", "10"])
         .env("TMPDIR", t.path())
         .env_remove("IPC_MESH_BROKER")
         .stdin(Stdio::null())
@@ -293,7 +333,7 @@ fn two_brokers_are_refused_plainly_until_federation_lands() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--brokers 2") && !err.contains("panicked"),
+        err.contains("--brokers 11") && !err.contains("panicked"),
         "{err}"
     );
     assert_clean(t.path());

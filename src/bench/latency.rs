@@ -21,8 +21,8 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 
 use super::{
-    connect_as, content, histogram, name_prefix, parse_seq, percentiles, record, Brokers, Metrics,
-    Target,
+    await_known, connect_as, content, histogram, name_prefix, parse_seq, percentiles, record,
+    Brokers, Metrics, Target,
 };
 use crate::client::Connection;
 use crate::protocol::{Body, Outgoing, Reply};
@@ -61,6 +61,9 @@ pub async fn run(target: &Target, p: &Params) -> anyhow::Result<Metrics> {
     let recipient = connect_as(&brokers.recv_addr, &recipient_name).await?;
     let sender = connect_as(&brokers.send_addr, &format!("{prefix}-s0")).await?;
 
+    if brokers.cross() {
+        await_known(&sender, std::slice::from_ref(&recipient_name)).await?;
+    }
     let start = Instant::now() + LEAD_IN;
     let due = move |i: u64| start + period.mul_f64(i as f64);
     let deadline = due(total) + GRACE;

@@ -6,13 +6,15 @@
 //! 1. [`Target`] decides where to measure: brokers the bench starts itself ([`spawn::LocalMesh`]:
 //!    child processes of this executable, loopback ports, temporary homes, a config without
 //!    rate limits), or a running broker named with `--broker`.
-//! 2. The scenario ([`throughput`], [`latency`], [`baseline`]) registers its own agents under a
-//!    fresh random prefix, drives load with pipelined [`Connection`]s, and returns a [`Metrics`]
-//!    list of named numbers.
-//! 3. With `--runs N` the scenario repeats, each run against fresh brokers; [`Summary`] keeps
+//! 2. With several brokers, wait until each has its peer links up ([`await_links`]).
+//! 3. The scenario ([`throughput`], [`latency`], [`baseline`]) registers its own agents under a
+//!    fresh random prefix (senders on the first broker, recipients on the last, and waits until
+//!    the first lists the recipients: [`await_known`]), drives load with pipelined
+//!    [`Connection`]s, and returns a [`Metrics`] list of named numbers.
+//! 4. With `--runs N` the scenario repeats, each run against fresh brokers; [`Summary`] keeps
 //!    the median and the min–max of every field.
-//! 4. The CLI prints a table for people or one JSON object (the medians) for scripts.
-//! 5. However the bench ends (done, error, Ctrl-C), dropping the [`spawn::LocalMesh`] stops
+//! 5. The CLI prints a table for people or one JSON object (the medians) for scripts.
+//! 6. However the bench ends (done, error, Ctrl-C), dropping the [`spawn::LocalMesh`] stops
 //!    every broker it started and removes every directory it made.
 //!
 //! Each loop in here is bounded twice: by a count (messages, runs, polls) and by a deadline.
@@ -79,6 +81,11 @@ impl Brokers {
             Target::Local { brokers } => {
                 check_brokers(*brokers)?;
                 let mesh = spawn::LocalMesh::start(*brokers).await?;
+                if mesh.len() > 1 {
+                    let addrs: Vec<String> =
+                        (0..mesh.len()).map(|i| mesh.addr(i).to_string()).collect();
+                    await_links(&addrs).await?;
+                }
                 Ok(Brokers {
                     send_addr: mesh.addr(0).to_string(),
                     recv_addr: mesh.addr(mesh.len() - 1).to_string(),
@@ -88,26 +95,76 @@ impl Brokers {
         }
     }
 
-    /// Resident memory of the first broker in MiB, when the bench owns it.
+    /// Whether senders and recipients are on different brokers.
+    pub fn cross(&self) -> bool {
+        self.send_addr != self.recv_addr
+    }
+
+    /// Resident memory of the first (the sending) broker in MiB, when the bench owns it.
     pub fn rss_mib(&self) -> Option<f64> {
         self.mesh.as_ref().and_then(|m| spawn::rss_mib(m.pid(0)))
     }
 }
 
-/// Refuses broker counts the single-broker build cannot serve yet.
-///
-/// Cross-broker delivery (federation) is not in this build: with two brokers a sender on one
-/// could not reach a recipient on the other. [`spawn::LocalMesh`] already starts and wires N
-/// brokers, and the scenarios already put senders on the first and recipients on the last, so
-/// lifting this check is all `--brokers 2` needs once federation lands.
+/// The most brokers one bench starts.
+pub const MAX_BROKERS: usize = 10;
+/// How long brokers may take to link up, and a registration to reach every broker.
+const MESH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Checks `--brokers`: 1 to [`MAX_BROKERS`].
 pub fn check_brokers(brokers: usize) -> anyhow::Result<()> {
     match brokers {
         0 => anyhow::bail!("--brokers must be at least 1"),
-        1 => Ok(()),
-        n => anyhow::bail!(
-            "--brokers {n}: cross-broker delivery (federation) is not available in this build yet; use --brokers 1"
-        ),
+        n if n > MAX_BROKERS => anyhow::bail!("--brokers {n}: at most {MAX_BROKERS}"),
+        _ => Ok(()),
     }
+}
+
+/// Polls (bounded) until the broker at each address has a link up to every other one.
+pub async fn await_links(addrs: &[String]) -> anyhow::Result<()> {
+    let want = addrs.len().saturating_sub(1);
+    let deadline = std::time::Instant::now() + MESH_TIMEOUT;
+    for addr in addrs {
+        let conn = Connection::connect(addr).await?;
+        let polls = MESH_TIMEOUT.as_millis() / 20;
+        let mut up = 0;
+        for _ in 0..polls {
+            up = match conn.call(Body::Status).await? {
+                Reply::Status(s) => s.peers.iter().filter(|p| p.state == "up").count(),
+                other => anyhow::bail!("unexpected reply to status: {other:?}"),
+            };
+            if up >= want || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        conn.close();
+        anyhow::ensure!(
+            up >= want,
+            "the broker at {addr} has {up} of {want} peer links up after {MESH_TIMEOUT:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Polls (bounded) until the broker behind `conn` lists every one of `names`: a sender's
+/// broker must know a recipient on another broker before it accepts a message for it.
+pub async fn await_known(conn: &Connection, names: &[String]) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + MESH_TIMEOUT;
+    for _ in 0..MESH_TIMEOUT.as_millis() / 20 {
+        let known = match conn.call(Body::List).await? {
+            Reply::Agents { agents } => agents,
+            other => anyhow::bail!("unexpected reply to list: {other:?}"),
+        };
+        if names.iter().all(|n| known.iter().any(|a| &a.name == n)) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("the sending broker did not learn of the recipients within {MESH_TIMEOUT:?}")
 }
 
 /// A random prefix for this run's agent names, so runs against a shared broker never collide.
@@ -322,10 +379,10 @@ mod tests {
     }
 
     #[test]
-    fn two_brokers_are_refused_until_federation_lands() {
+    fn broker_counts_are_bounded() {
         assert!(check_brokers(1).is_ok());
+        assert!(check_brokers(2).is_ok());
         assert!(check_brokers(0).is_err());
-        let e = check_brokers(2).unwrap_err().to_string();
-        assert!(e.contains("federation"), "{e}");
+        assert!(check_brokers(MAX_BROKERS + 1).is_err());
     }
 }

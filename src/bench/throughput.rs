@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::{connect_as, content, name_prefix, Brokers, Metrics, Target};
+use super::{await_known, connect_as, content, name_prefix, Brokers, Metrics, Target};
 use crate::protocol::{Body, Outgoing, Reply};
 
 /// What one throughput run does.
@@ -64,6 +64,10 @@ pub async fn run(target: &Target, p: &Params) -> anyhow::Result<Metrics> {
     // Generous: a broker a hundred times slower than the target still finishes.
     let deadline = Duration::from_secs(60) + Duration::from_millis(2 * p.messages);
 
+    if brokers.cross() {
+        let names: Vec<String> = recipients.iter().map(|(_, n)| n.clone()).collect();
+        await_known(&senders[0], &names).await?;
+    }
     // Progress, for the error when a run does not finish: (acknowledged, delivered).
     let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let start = Instant::now();
