@@ -1,6 +1,8 @@
 //! Shared test harness: real broker processes, the CLI, and in-process brokers on port 0.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,330 @@
+//! Cross-broker delivery with real broker processes: crashes, cut links, and a relay.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use federation::AgentName;
+use ipc_mesh::client::Client;
+use ipc_mesh::home::Home;
+use ipc_mesh::protocol::{Body, Outgoing, Reply};
+use support::proxy::Proxy;
+use support::*;
+
+/// A broker with an optional advertised address (a proxy in front of it) and seeds.
+fn broker(
+    home: &std::path::Path,
+    addr: &str,
+    advertise: Option<&str>,
+    peers: &[&str],
+) -> BrokerProc {
+    let cfg = home.join("mesh.toml");
+    let mut text = String::new();
+    if let Some(a) = advertise {
+        text.push_str(&format!("[broker]\nadvertise = {a:?}\n"));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let mut args: Vec<&str> = Vec::new();
+    for p in peers {
+        args.push("--peer");
+        args.push(p);
+    }
+    BrokerProc::start_full(home, addr, &["--config", cfg.to_str().unwrap()], &args)
+}
+
+async fn agent(addr: &str, home: &std::path::Path, name: &str) -> Client {
+    let mut c = Client::connect(addr).await.unwrap();
+    c.register_as(&AgentName::new(name).unwrap(), &Home::at(home))
+        .await
+        .unwrap();
+    c
+}
+
+/// Waits until broker `addr` lists `name` on another broker.
+fn until_listed(home: &std::path::Path, addr: &str, name: &str) {
+    eventually(
+        Duration::from_secs(15),
+        &format!("{name} listed at {addr}"),
+        || cli_ok(home, addr, &["list", "--json"]).contains(&format!("\"{name}\"")),
+    );
+}
+
+/// Sends `n` numbered messages from `from` (at `addr`) to `to`, pipelined; records the ids
+/// acknowledged with their numbers.
+async fn send_numbered(
+    addr: String,
+    home: std::path::PathBuf,
+    from: &str,
+    to: &str,
+    n: usize,
+    acked: Arc<Mutex<Vec<(usize, String)>>>,
+    count: Arc<AtomicUsize>,
+) {
+    let client = agent(&addr, &home, from).await;
+    let conn = client.connection().clone();
+    let window = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut waits = Vec::new();
+    for i in 0..n {
+        let permit = window.clone().acquire_owned().await.unwrap();
+        let body = Body::Send(Outgoing {
+            to: to.into(),
+            content: format!("{i:06}"),
+            ..Default::default()
+        });
+        let reply = conn
+            .submit(body)
+            .await
+            .expect("the sending broker stays up");
+        let (acked, count) = (acked.clone(), count.clone());
+        waits.push(tokio::spawn(async move {
+            let r = reply.await;
+            drop(permit);
+            match r {
+                Ok(Reply::Sent { id, .. }) => {
+                    acked.lock().unwrap().push((i, id));
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                other => panic!("send {i} failed: {other:?}"),
+            }
+        }));
+    }
+    for w in waits {
+        w.await.unwrap();
+    }
+}
+
+/// Drains `name`'s inbox at `addr` until `want` messages arrived (or the deadline), then checks
+/// every acknowledged message is there exactly once, in order.
+async fn check_exactly_once(
+    addr: &str,
+    home: &std::path::Path,
+    name: &str,
+    acked: &[(usize, String)],
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut got = Vec::new();
+    let mut client: Option<Client> = None;
+    while got.len() < acked.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} delivered",
+            got.len(),
+            acked.len()
+        );
+        if client.is_none() {
+            client = Client::connect(addr).await.ok();
+            if let Some(c) = client.as_mut() {
+                if c.register_as(&AgentName::new(name).unwrap(), &Home::at(home))
+                    .await
+                    .is_err()
+                {
+                    client = None;
+                }
+            }
+        }
+        let Some(c) = client.as_mut() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        match c.check(Some(Duration::from_millis(500)), 1000).await {
+            Ok((msgs, _)) => got.extend(msgs),
+            Err(_) => client = None,
+        }
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for m in &got {
+        *seen.entry(m.id.as_str()).or_default() += 1;
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        dups.is_empty(),
+        "delivered twice: {:?}",
+        &dups[..dups.len().min(5)]
+    );
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|(_, id)| !seen.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let numbers: Vec<usize> = got.iter().map(|m| m.content.parse().unwrap()).collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "out of order");
+    assert_eq!(got.len(), acked.len(), "nothing unexpected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_survive_two_kills_of_the_receiving_broker() {
+    let (ha, hb) = (temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let _a = broker(ha.path(), &a_addr, None, &[]);
+    let mut b = broker(hb.path(), &b_addr, None, &[&a_addr]);
+    drop(agent(&b_addr, hb.path(), "bob").await);
+    until_listed(ha.path(), &a_addr, "bob");
+
+    const N: usize = 10_000;
+    let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let count = Arc::new(AtomicUsize::new(0));
+    let sender = tokio::spawn(send_numbered(
+        a_addr.clone(),
+        ha.path().to_path_buf(),
+        "alice",
+        "bob",
+        N,
+        acked.clone(),
+        count.clone(),
+    ));
+    for threshold in [N / 3, 2 * N / 3] {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while count.load(Ordering::SeqCst) < threshold {
+            assert!(Instant::now() < deadline, "sending stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        b.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.restart();
+    }
+    sender.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), N);
+    check_exactly_once(&b_addr, hb.path(), "bob", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_survive_a_flapping_link() {
+    let (ha, hb) = (temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    // Every peer link goes through a proxy, whichever side dials.
+    let pa = Proxy::start("127.0.0.5", &a_addr);
+    let pb = Proxy::start("127.0.0.5", &b_addr);
+    let _a = broker(ha.path(), &a_addr, Some(&pa.addr), &[]);
+    let _b = broker(hb.path(), &b_addr, Some(&pb.addr), &[&pa.addr]);
+    drop(agent(&b_addr, hb.path(), "bob").await);
+    until_listed(ha.path(), &a_addr, "bob");
+
+    const N: usize = 10_000;
+    let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let count = Arc::new(AtomicUsize::new(0));
+    let sender = tokio::spawn(send_numbered(
+        a_addr.clone(),
+        ha.path().to_path_buf(),
+        "alice",
+        "bob",
+        N,
+        acked.clone(),
+        count.clone(),
+    ));
+    for threshold in [N / 4, N / 2, 3 * N / 4] {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while count.load(Ordering::SeqCst) < threshold {
+            assert!(Instant::now() < deadline, "sending stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pa.cut();
+        pb.cut();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        pa.heal();
+        pb.heal();
+    }
+    sender.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    check_exactly_once(&b_addr, hb.path(), "bob", &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_relay_through_the_broker_both_sides_can_reach() {
+    let (ha, hb, hc) = (temp_home(), temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let c_addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
+    // A and C are reachable only through proxies that refuse each other's address.
+    let pa = Proxy::start("127.0.0.5", &a_addr);
+    let pc = Proxy::start("127.0.0.5", &c_addr);
+    pa.block_from("127.0.0.4");
+    pc.block_from("127.0.0.2");
+    let _b = broker(hb.path(), &b_addr, None, &[]);
+    let _a = broker(ha.path(), &a_addr, Some(&pa.addr), &[&b_addr]);
+    let _c = broker(hc.path(), &c_addr, Some(&pc.addr), &[&b_addr]);
+    eventually(Duration::from_secs(15), "B links to both", || {
+        peers_up(hb.path(), &b_addr).len() == 2
+    });
+    drop(agent(&c_addr, hc.path(), "carol").await);
+    until_listed(ha.path(), &a_addr, "carol");
+    assert_eq!(
+        peers_up(ha.path(), &a_addr).len(),
+        1,
+        "A cannot reach C directly"
+    );
+
+    let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    send_numbered(
+        a_addr.clone(),
+        ha.path().to_path_buf(),
+        "alice",
+        "carol",
+        200,
+        acked.clone(),
+        Arc::default(),
+    )
+    .await;
+    let acked = acked.lock().unwrap().clone();
+    check_exactly_once(&c_addr, hc.path(), "carol", &acked).await;
+    let relayed = status_json(hb.path(), &b_addr)["counters"]["relayed"]
+        .as_u64()
+        .unwrap();
+    assert!(relayed >= 200, "B relayed {relayed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_reaches_every_broker_once() {
+    let (ha, hb, hc) = (temp_home(), temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let c_addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
+    let _a = broker(ha.path(), &a_addr, None, &[]);
+    let _b = broker(hb.path(), &b_addr, None, &[&a_addr]);
+    let mut c = broker(hc.path(), &c_addr, None, &[&a_addr]);
+    drop(agent(&b_addr, hb.path(), "bob").await);
+    drop(agent(&c_addr, hc.path(), "carol").await);
+    drop(agent(&c_addr, hc.path(), "dave").await);
+    until_listed(ha.path(), &a_addr, "bob");
+    until_listed(ha.path(), &a_addr, "dave");
+    // C is down when the broadcast goes out; it gets it when it comes back.
+    c.kill9();
+    let mut alice = agent(&a_addr, ha.path(), "alice").await;
+    match alice.broadcast("all hands", None).await.unwrap() {
+        Reply::Broadcast { reached, .. } => assert_eq!(reached, 3),
+        r => panic!("{r:?}"),
+    }
+    c.restart();
+    for (addr, home, name) in [
+        (&b_addr, hb.path(), "bob"),
+        (&c_addr, hc.path(), "carol"),
+        (&c_addr, hc.path(), "dave"),
+    ] {
+        let mut cl = agent(addr, home, name).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        while got.is_empty() {
+            assert!(Instant::now() < deadline, "{name} never got the broadcast");
+            got = cl
+                .check(Some(Duration::from_millis(500)), 10)
+                .await
+                .unwrap()
+                .0;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        got.extend(cl.check(None, 10).await.unwrap().0);
+        assert_eq!(got.len(), 1, "{name} got it once");
+        assert_eq!(got[0].content, "all hands");
+        assert_eq!(got[0].from, "alice");
+    }
+}
