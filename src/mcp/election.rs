@@ -168,6 +168,8 @@ async fn attach(mesh: &Mesh, conn: Connection) -> bool {
         match reregister(mesh, &conn, a, link.renaming.as_ref()).await {
             Ok(a) => agent = Some(a),
             Err(Error::Disconnected) => return false,
+            // Busy or briefly unavailable: start over in a moment rather than give up.
+            Err(e) if e.kind().is_some_and(|k| k.is_retryable()) => return false,
             Err(e) => {
                 // The session keeps its identity; tools say why it is not usable.
                 problem = Some(format!("cannot register {} again: {e}", a.name));
@@ -177,6 +179,7 @@ async fn attach(mesh: &Mesh, conn: Connection) -> bool {
         match register_wanted(mesh, &conn, &name).await {
             Ok(a) => agent = Some(a),
             Err(Error::Disconnected) => return false,
+            Err(e) if e.kind().is_some_and(|k| k.is_retryable()) => return false,
             Err(e) => problem = Some(format!("could not register as {name}: {e}")),
         }
     }

@@ -64,9 +64,17 @@ pub struct Link {
 impl Link {
     /// Attached, and done registering whatever it had to.
     fn settled(&self) -> bool {
+        self.attached() && self.wanted.is_none() && (self.agent.is_none() || self.registered)
+    }
+
+    /// Attached, but the broker refused to take the session's agent back: waiting will not
+    /// help until the broker changes.
+    fn stuck(&self) -> bool {
+        self.attached() && self.agent.is_some() && !self.registered && self.problem.is_some()
+    }
+
+    fn attached(&self) -> bool {
         self.conn.as_ref().is_some_and(|c| !c.is_closed())
-            && self.wanted.is_none()
-            && (self.agent.is_none() || self.registered)
     }
 }
 
@@ -161,13 +169,21 @@ impl Mesh {
     /// `need_agent`, also requires that the session is registered.
     pub async fn ready(&self, need_agent: bool, deadline: Instant) -> Result<Link, CallError> {
         let mut rx = self.subscribe();
-        let waited = tokio::time::timeout_at(deadline, rx.wait_for(|l| l.settled()))
+        let waited = tokio::time::timeout_at(deadline, rx.wait_for(|l| l.settled() || l.stuck()))
             .await
             .ok()
             .and_then(|r| r.ok().map(|l| l.clone()));
         let Some(link) = waited else {
             return Err(self.unavailable(&self.link()));
         };
+        if link.stuck() {
+            return Err(CallError::Unavailable(format!(
+                "{}; restart the assistant's ipc-mesh server, or ask the mesh's operator",
+                link.problem
+                    .as_deref()
+                    .unwrap_or("the broker refused this session")
+            )));
+        }
         if need_agent && link.agent.is_none() {
             return Err(CallError::NotRegistered(not_registered_text(&link)));
         }
