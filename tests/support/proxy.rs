@@ -50,7 +50,11 @@ impl Proxy {
                         client.set_nonblocking(false).unwrap();
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        st.open.lock().unwrap().push((from.ip(), client.try_clone().unwrap(), server.try_clone().unwrap()));
+                        st.open.lock().unwrap().push((
+                            from.ip(),
+                            client.try_clone().unwrap(),
+                            server.try_clone().unwrap(),
+                        ));
                         pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
                         pipe(server, client);
                     }
