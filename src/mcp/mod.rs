@@ -1,7 +1,7 @@
 //! `ipc-mesh mcp`: the MCP stdio server one assistant launches to join the mesh.
 //!
 //! 1. Start-up builds the session handle ([`session::Mesh`]) and starts the election task
-//!    ([`election`]) in the background, then serves MCP on stdio at once ([`adapter`]), so
+//!    ([`election`]) in the background, then serves MCP on stdio at once (`adapter.rs`), so
 //!    `initialize` is answered in milliseconds whatever the broker is doing.
 //! 2. The election attaches to the nearest live broker (local sibling ports first, then the
 //!    configured peers; only the one `--broker` names, if given), or binds the election
@@ -15,7 +15,7 @@
 //!    in-process broker, if any, shuts down and flushes so a survivor can take over, and the
 //!    process exits, all within 2 s.
 //!
-//! rmcp's types appear only in [`adapter`]; everything else speaks this crate's types.
+//! rmcp's types appear only in `adapter.rs`; everything else speaks this crate's types.
 
 mod adapter;
 pub mod channel;

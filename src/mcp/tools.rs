@@ -113,7 +113,8 @@ fn open_object(properties: Value, required: &[&str]) -> Value {
 }
 
 fn build_specs() -> Vec<ToolSpec> {
-    let route = json!({"type": "string", "enum": ["local", "forwarded", "held"]});
+    let route = json!({"type": "string", "enum": ["local", "forwarded", "held", "remote"],
+        "description": "local: in the recipient's inbox on this broker; forwarded: the name was renamed; held: kept for an agent not yet registered; remote: queued for the recipient's broker elsewhere in the mesh"});
     vec![
         ToolSpec {
             name: "register",
@@ -421,6 +422,9 @@ fn route_sentence(id: &str, to: &str, route: &str, asked: &str) -> String {
         "held" => {
             format!("Sent {id}: {to} has not registered yet; the message is held until it does.")
         }
+        "remote" => format!(
+            "Sent {id} to {to}, queued for the broker {to} is attached to; it is delivered as soon as that broker is reachable."
+        ),
         _ => format!("Sent {id} to {to}."),
     }
 }
