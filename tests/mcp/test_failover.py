@@ -160,3 +160,26 @@ async def test_three_hosts_in_a_row(mesh):
     got = p2.call("check", {"limit": 100})["result"]
     assert got["isError"] is False, got
     assert [m["content"] for m in got["structuredContent"]["messages"]] == ["note 0", "note 1"]
+
+
+def test_a_wait_in_flight_rides_out_the_hand_over(mesh):
+    host = mesh.raw(agent="w-host")
+    host.initialize()
+    assert host.call("mesh_status", {})["result"]["structuredContent"]["session"]["hosting"] is True
+    waiter, sender = mesh.raw(agent="w-waiter"), mesh.raw(agent="w-sender")
+    for p in (waiter, sender):
+        p.initialize()
+        assert p.call("mesh_status", {})["result"]["structuredContent"]["session"]["hosting"] is False
+    waiter.write({"jsonrpc": "2.0", "id": 99, "method": "tools/call",
+                  "params": {"name": "wait", "arguments": {"timeout_secs": 30}}})
+    time.sleep(0.3)
+    host.kill9()
+    sent = sender.call("send", {"to_id": "w-waiter", "content": "after the hand-over"})["result"]
+    assert sent["isError"] is False, sent
+    start = time.monotonic()
+    reply = waiter.read(timeout=15)
+    assert reply["id"] == 99, reply
+    result = reply["result"]
+    assert result["isError"] is False, result
+    assert [m["content"] for m in result["structuredContent"]["messages"]] == ["after the hand-over"]
+    assert time.monotonic() - start < 5
