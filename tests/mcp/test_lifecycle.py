@@ -163,3 +163,23 @@ def test_without_broker_flag_the_nearest_sibling_is_used(mesh):
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+def test_sigterm_stops_cleanly_and_releases_the_broker(mesh):
+    import os
+    import signal
+
+    r = mesh.raw(agent="termed")
+    r.initialize()
+    first = r.call("mesh_status", {})["result"]["structuredContent"]
+    assert first["session"]["hosting"] is True
+    start = time.monotonic()
+    os.kill(r.proc.pid, signal.SIGTERM)
+    assert r.wait_exit(5) == 0
+    assert time.monotonic() - start < 2
+    r.all_stdout_is_jsonrpc()
+    # The data directory was released: the next process hosts it, with the same broker id.
+    r2 = mesh.raw(agent="next")
+    r2.initialize()
+    st = r2.call("mesh_status", {})["result"]["structuredContent"]
+    assert st["session"]["hosting"] is True and st["broker"]["id"] == first["broker"]["id"]
