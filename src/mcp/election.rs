@@ -314,3 +314,114 @@ async fn pause(d: Duration, stop: &CancellationToken) {
         _ = stop.cancelled() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use federation::AgentName;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::home::Home;
+    use crate::protocol::Reply;
+
+    const BOUND: Duration = Duration::from_secs(10);
+
+    fn free_addr() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    fn session(home: &Home, addr: &str, name: &str) -> Mesh {
+        Mesh::new(
+            home.clone(),
+            addr.to_string(),
+            Some(AgentName::new(name).unwrap()),
+        )
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + BOUND;
+        while !f() {
+            assert!(Instant::now() < deadline, "{what} within {BOUND:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_hosts_second_attaches_and_takes_over_when_the_host_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path().join("home"));
+        let addr = free_addr();
+        let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let mut config = Config::default();
+        // Keep the in-process brokers to themselves: no sibling discovery on 9876 and up.
+        config.mesh.sibling_ports = (port, port);
+
+        let a = session(&home, &addr, "a");
+        let election_a = Election::start(a.clone(), config.clone(), None);
+        a.ready(true, Instant::now() + BOUND).await.unwrap();
+        assert!(a.link().hosting, "the first session hosts the broker");
+
+        let b = session(&home, &addr, "b");
+        let election_b = Election::start(b.clone(), config.clone(), None);
+        let link = b.ready(true, Instant::now() + BOUND).await.unwrap();
+        assert!(!link.hosting, "the second session attaches");
+        let broker_id = link.broker_id.clone();
+
+        // A message queued for a while the first session hosts.
+        let sent = b
+            .call(
+                Body::Send(crate::protocol::Outgoing {
+                    to: "a".into(),
+                    content: "kept".into(),
+                    dedup_key: Some("k1".into()),
+                    ..Default::default()
+                }),
+                true,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(sent, Reply::Sent { .. }), "{sent:?}");
+
+        // The host stops: the survivor becomes the broker, on the same data directory.
+        election_a.shutdown(Duration::from_secs(2)).await;
+        until("b hosts", || b.link().hosting).await;
+        let link = b.ready(true, Instant::now() + BOUND).await.unwrap();
+        assert_eq!(
+            link.broker_id, broker_id,
+            "same data directory, same broker id"
+        );
+        let a_token = home.load_token(&AgentName::new("a").unwrap()).unwrap();
+        assert!(a_token.is_some(), "a's token was stored");
+
+        // a comes back and finds its message.
+        let a2 = session(&home, &addr, "a");
+        let election_a2 = Election::start(a2.clone(), config, None);
+        let fetched = a2
+            .call(
+                Body::Fetch {
+                    include_read: false,
+                    limit: 10,
+                    mark_read: false,
+                },
+                true,
+            )
+            .await
+            .unwrap();
+        let Reply::Messages { messages, .. } = fetched else {
+            panic!("{fetched:?}")
+        };
+        assert_eq!(
+            messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>(),
+            ["kept"]
+        );
+        assert!(!a2.link().hosting);
+        election_a2.shutdown(Duration::from_secs(2)).await;
+        election_b.shutdown(Duration::from_secs(2)).await;
+    }
+}
