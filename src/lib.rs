@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod error;
 pub mod home;
 pub mod identity;

@@ -42,6 +42,19 @@ pub fn chain_key(dest: BrokerId) -> Vec<u8> {
     k
 }
 
+/// The key of an envelope waiting in the reorder buffer.
+pub fn pending_key(origin: BrokerId, seq: u64) -> Vec<u8> {
+    let mut k = pending_prefix(origin);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn pending_prefix(origin: BrokerId) -> Vec<u8> {
+    let mut k = vec![keys::PENDING];
+    k.extend_from_slice(&origin.as_u32().to_be_bytes());
+    k
+}
+
 pub fn clock_key(origin: BrokerId) -> Vec<u8> {
     let mut k = vec![keys::CLOCK];
     k.extend_from_slice(&origin.as_u32().to_be_bytes());

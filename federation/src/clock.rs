@@ -69,6 +69,11 @@ impl DeliveryClock {
         }
     }
 
+    /// The highest contiguous sequence delivered from `origin` (0 if none).
+    pub fn contiguous(&self, origin: BrokerId) -> u64 {
+        self.origins.get(&origin).map_or(0, |o| o.contiguous)
+    }
+
     /// A clock from persisted origin entries.
     pub fn from_origins(origins: impl IntoIterator<Item = (BrokerId, OriginClock)>) -> Self {
         DeliveryClock {

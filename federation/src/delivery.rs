@@ -9,8 +9,10 @@
 //!    else a peer that reaches it), at most a window of envelopes in flight.
 //! 3. The receiver [`classify`]s each envelope: a duplicate (its clock has the dot), a delivery
 //!    to local inboxes, a relay (it is for another broker), a forward (the recipient moved on),
-//!    or a hold (the recipient is not known yet). It stores the outcome durably, clock included,
-//!    in one atomic write, and only then acknowledges, cumulatively per destination.
+//!    or a hold (the recipient is not known yet). An envelope that overtook its predecessor
+//!    waits in a reorder buffer until that one arrives ([`in_order`]). The receiver stores the
+//!    outcome durably, clock included, in one atomic write, and only then acknowledges,
+//!    cumulatively per destination.
 //! 4. On the acknowledgement the sender deletes what was acknowledged. Anything unacknowledged
 //!    is sent again after a reconnect or a restart, with the same dot, and dropped as a
 //!    duplicate by a receiver that already has it.
@@ -74,6 +76,18 @@ pub fn classify(
     if clock.contains(env.tdot) {
         return Arrival::Duplicate;
     }
+    route(env, me, local, owner, local_agents)
+}
+
+/// Where an envelope for this broker goes (no duplicate check: for envelopes released from
+/// the reorder buffer, which the clock already covers).
+pub fn route(
+    env: &Envelope,
+    me: BrokerId,
+    local: impl Fn(&AgentName) -> bool,
+    owner: impl Fn(&AgentName) -> Option<BrokerId>,
+    local_agents: impl Fn() -> Vec<AgentName>,
+) -> Arrival {
     if env.broadcast {
         let from = &env.message.from;
         return Arrival::Deliver(local_agents().into_iter().filter(|a| a != from).collect());
@@ -86,6 +100,15 @@ pub fn classify(
         Some(b) if b != me => Arrival::Forward(b),
         _ => Arrival::Hold(to.clone()),
     }
+}
+
+/// Whether `env` can be handed on now: its predecessor from the same broker has been (it is
+/// the next in that broker's chain to us). One that is not waits, stored, in a reorder buffer
+/// until the gap fills: envelopes can overtake each other when the path changes (a relay
+/// acknowledges before the destination has them, and a direct link then carries the next
+/// ones), and order per sender must hold anyway.
+pub fn in_order(clock: &DeliveryClock, env: &Envelope) -> bool {
+    env.prev <= clock.contiguous(env.tdot.origin)
 }
 
 /// The storage a node's delivery needs. The broker implements it over sled; the simulator in

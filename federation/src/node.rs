@@ -48,6 +48,8 @@ pub struct Timing {
     pub yield_ms: u64,
     /// Envelopes in flight (sent, not yet acknowledged) per destination.
     pub window: usize,
+    /// With nothing acknowledged for this long, the unacknowledged envelopes go again.
+    pub ack_timeout_ms: u64,
 }
 
 impl Default for Timing {
@@ -61,6 +63,7 @@ impl Default for Timing {
             backoff_max_ms: 5000,
             yield_ms: 3000,
             window: 1024,
+            ack_timeout_ms: 10_000,
         }
     }
 }
@@ -334,6 +337,8 @@ struct Outflow {
     /// A read of the outbox is under way.
     reading: bool,
     depth: u64,
+    /// When the last acknowledgement came (or the first send since), for retransmission.
+    progress_at: u64,
 }
 
 pub struct Node {
@@ -509,6 +514,17 @@ impl Node {
             self.last_age_out = now;
             self.registry.age_out(now, self.cfg.retention_ms);
         }
+        let timeout = t.ack_timeout_ms;
+        for of in self.outflows.values_mut() {
+            if !of.in_flight.is_empty() && now.saturating_sub(of.progress_at) > timeout {
+                // Acknowledgements stopped coming on a link that still looks alive: send the
+                // unacknowledged again (the receiver drops what it already has).
+                of.sent = of.acked;
+                of.in_flight.clear();
+                of.reading = false;
+                of.progress_at = now;
+            }
+        }
         self.pump();
         std::mem::take(&mut self.out)
     }
@@ -597,7 +613,7 @@ impl Node {
                 dest,
                 conn,
                 entries,
-            } => self.outbox_read(dest, conn, entries),
+            } => self.outbox_read(now, dest, conn, entries),
             Event::Stored {
                 conn,
                 dest,
@@ -671,7 +687,13 @@ impl Node {
         }
     }
 
-    fn outbox_read(&mut self, dest: BrokerId, conn: ConnId, mut entries: Vec<(u64, Envelope)>) {
+    fn outbox_read(
+        &mut self,
+        now: u64,
+        dest: BrokerId,
+        conn: ConnId,
+        mut entries: Vec<(u64, Envelope)>,
+    ) {
         let relay = self.peers.get(&dest).and_then(|p| p.link) != Some(conn);
         let Some(of) = self.outflows.get_mut(&dest) else {
             return;
@@ -694,6 +716,9 @@ impl Node {
         }
         let last = entries.last().map(|(p, _)| *p).expect("non-empty");
         let full = entries.len() >= self.cfg.timing.window.saturating_sub(of.in_flight.len());
+        if of.in_flight.is_empty() {
+            of.progress_at = now;
+        }
         of.in_flight.extend(entries.iter().map(|(p, _)| *p));
         of.sent = last;
         self.stats.envelopes_sent += entries.len() as u64;
@@ -1113,9 +1138,20 @@ impl Node {
             id: peer.id,
             addr: peer.advertise,
         });
+        // Only the new peer now: pushing to everyone on every link-up makes brokers learn of
+        // each other on both sides at once and dial simultaneously (duplicate links).
         let d = self.digest();
         self.send(conn, d);
         self.pump();
+    }
+
+    /// Sends a digest to every peer that is up now.
+    fn push_digest(&mut self) {
+        let d = self.digest();
+        let conns: Vec<ConnId> = self.peers.values().filter_map(|p| p.link).collect();
+        for conn in conns {
+            self.send(conn, d.clone());
+        }
     }
 
     fn on_link_msg(&mut self, now: u64, conn: ConnId, msg: PeerMsg) {
@@ -1185,6 +1221,7 @@ impl Node {
                         let n = (before - of.in_flight.len()) as u64;
                         of.depth = of.depth.saturating_sub(n);
                         of.acked = upto;
+                        of.progress_at = now;
                         self.stats.envelopes_acked += n;
                         self.out.push(Action::Trim { dest, upto });
                         self.pump();
@@ -1289,6 +1326,8 @@ impl Node {
                             id: peer.id,
                             reason: reason.to_string(),
                         });
+                        // Peers relay by what we reach: tell them at once.
+                        self.push_digest();
                     }
                 }
             }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::auth::Secret;
 use crate::clock::DeliveryClock;
-use crate::delivery::{classify, Arrival, Envelope, MeshStore};
+use crate::delivery::{classify, in_order, route, Arrival, Envelope, MeshStore};
 use crate::message::MessageKind;
 use crate::node::{Action, ConnId, Event, Node, NodeConfig, Timing};
 use crate::registry::Superseded;
@@ -83,6 +83,9 @@ pub struct Sim {
     conns: BTreeMap<ConnId, SimConn>,
     next_conn: ConnId,
     cuts: BTreeSet<(usize, usize)>,
+    /// Frames sent across a cut on a connection that is still open: like TCP, they arrive
+    /// once the cut heals, unless the connection dies first.
+    stalled: Vec<(ConnId, usize, crate::proto::PeerMsg)>,
     next_tick: u64,
     trace: bool,
     /// Names lost by each node's agents, in order.
@@ -108,6 +111,7 @@ impl Sim {
             conns: BTreeMap::new(),
             next_conn: 1,
             cuts: BTreeSet::new(),
+            stalled: Vec::new(),
             next_tick: 0,
             trace: std::env::var_os("SIM_TRACE").is_some(),
             superseded: Vec::new(),
@@ -265,9 +269,40 @@ impl Sim {
         }
     }
 
+    /// Restores both directions between `a` and `b`.
+    pub fn uncut(&mut self, a: usize, b: usize) {
+        self.cuts.remove(&(a, b));
+        self.cuts.remove(&(b, a));
+        self.log(format!("uncut n{a} <-> n{b}"));
+        self.release_stalled();
+    }
+
     pub fn heal(&mut self) {
         self.cuts.clear();
         self.log("heal".into());
+        self.release_stalled();
+    }
+
+    /// Frames held by a cut that has healed go on, in order, if their connection lives.
+    fn release_stalled(&mut self) {
+        let stalled = std::mem::take(&mut self.stalled);
+        for (conn, to, msg) in stalled {
+            let Some(c) = self.conns.get(&conn) else {
+                continue;
+            };
+            if !c.open {
+                continue;
+            }
+            let from = if c.dialer == to { c.acceptor } else { c.dialer };
+            if self.cuts.contains(&(from, to)) {
+                self.stalled.push((conn, to, msg));
+                continue;
+            }
+            let dir = usize::from(c.dialer != from);
+            let at = (self.now + self.delay()).max(self.conns[&conn].last_at[dir]);
+            self.conns.get_mut(&conn).expect("exists").last_at[dir] = at;
+            self.schedule(at, to, Event::Received { conn, msg });
+        }
     }
 
     /// Kills node `i`; the kernel closes its sockets, so peers see their links close.
@@ -462,6 +497,7 @@ impl Sim {
                         (c.dialer, 1)
                     };
                     if self.cuts.contains(&(from, to)) {
+                        self.stalled.push((conn, to, msg));
                         continue;
                     }
                     if self.net.drop_rate > 0.0 && self.rng.random_bool(self.net.drop_rate) {
@@ -647,6 +683,8 @@ struct MemInner {
     clock: DeliveryClock,
     agents: BTreeSet<AgentName>,
     inboxes: BTreeMap<AgentName, Vec<Message>>,
+    /// Envelopes that overtook their predecessor, by (origin, sequence).
+    pending: BTreeMap<(BrokerId, u64), Envelope>,
     /// Duplicates dropped.
     pub duplicates: u64,
 }
@@ -657,6 +695,29 @@ impl MemStore {
             me,
             inner: Mutex::new(MemInner::default()),
             owners: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Delivers, holds or forwards an envelope whose turn it is.
+    fn hand_on(&self, g: &mut MemInner, owners: &BTreeMap<String, BrokerId>, env: Envelope) {
+        let agents = g.agents.clone();
+        match route(
+            &env,
+            self.me,
+            |a| agents.contains(a),
+            |a| owners.get(a.as_str()).copied(),
+            || agents.iter().cloned().collect(),
+        ) {
+            Arrival::Deliver(to) => {
+                for a in to {
+                    let mut m = env.message.clone();
+                    m.to = a.clone();
+                    g.inboxes.entry(a).or_default().push(m);
+                }
+            }
+            Arrival::Hold(to) => g.inboxes.entry(to).or_default().push(env.message),
+            Arrival::Forward(b) => Self::queue(g, self.me, b, env, true),
+            Arrival::Duplicate | Arrival::Relay => {}
         }
     }
 
@@ -807,25 +868,29 @@ impl MeshStore for MemStore {
             );
             match arrival {
                 Arrival::Duplicate => g.duplicates += 1,
-                Arrival::Deliver(to) => {
-                    g.clock.accept(env.tdot, env.prev);
-                    for a in to {
-                        let mut m = env.message.clone();
-                        m.to = a.clone();
-                        g.inboxes.entry(a).or_default().push(m);
-                    }
-                }
-                Arrival::Hold(to) => {
-                    g.clock.accept(env.tdot, env.prev);
-                    g.inboxes.entry(to).or_default().push(env.message.clone());
-                }
                 Arrival::Relay => {
                     let dest = env.dest;
                     Self::queue(&mut g, self.me, dest, env, false);
                 }
-                Arrival::Forward(b) => {
+                _ if !in_order(&g.clock, &env) => {
                     g.clock.accept(env.tdot, env.prev);
-                    Self::queue(&mut g, self.me, b, env, true);
+                    g.pending.insert((env.tdot.origin, env.tdot.seq), env);
+                }
+                _ => {
+                    let origin = env.tdot.origin;
+                    g.clock.accept(env.tdot, env.prev);
+                    self.hand_on(&mut g, &owners, env);
+                    // Whatever waited for this one goes now, in order.
+                    let upto = g.clock.contiguous(origin);
+                    let ready: Vec<(BrokerId, u64)> = g
+                        .pending
+                        .range((origin, 0)..=(origin, upto))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in ready {
+                        let env = g.pending.remove(&k).expect("listed");
+                        self.hand_on(&mut g, &owners, env);
+                    }
                 }
             }
         }

@@ -267,3 +267,48 @@ fn messages_follow_an_agent_that_moved() {
     let all: Vec<String> = first.iter().chain(second.iter()).cloned().collect();
     exactly_once_in_order(&sim.inbox(2, "bob"), &all);
 }
+
+#[test]
+fn order_holds_when_the_path_changes_from_a_relay_to_a_direct_link() {
+    for seed in 1..=4 {
+        let mut sim = Sim::new(NetConfig {
+            seed,
+            ..NetConfig::default()
+        });
+        let b = sim.add(&[], None);
+        let a = sim.add(&[b], None);
+        let c = sim.add(&[b], None);
+        sim.cut(a, c);
+        assert!(sim
+            .run_until(20_000, |s| s.node(b).up_peers().len() == 2)
+            .is_some());
+        sim.register(a, "alice");
+        sim.register(c, "carol");
+        sim.run_until(5_000, |s| s.registries_agree()).unwrap();
+        // B's frames to C vanish, but the link still looks up for a while: B stores (and
+        // acknowledges) what A relays through it, and cannot pass it on.
+        sim.cut_one_way(b, c);
+        let sent: Vec<String> = (0..200).map(|i| format!("m{i:03}")).collect();
+        for m in &sent[..100] {
+            sim.send(a, "alice", "carol", m);
+        }
+        sim.run_for(200);
+        // Now A and C get a direct link, and the rest goes that way, overtaking the relay.
+        sim.uncut(a, c);
+        assert!(sim
+            .run_until(20_000, |s| s.node(a).up_peers().contains(&s.id(c)))
+            .is_some());
+        for m in &sent[100..] {
+            sim.send(a, "alice", "carol", m);
+        }
+        sim.run_for(2_000);
+        sim.uncut(b, c);
+        assert!(
+            sim.run_until(30_000, |s| s.inbox(c, "carol").len() >= 200)
+                .is_some(),
+            "seed {seed}"
+        );
+        sim.run_for(3_000);
+        exactly_once_in_order(&sim.inbox(c, "carol"), &sent);
+    }
+}

@@ -48,6 +48,7 @@ fn timing() -> Timing {
         backoff_max_ms: 500,
         yield_ms: 600,
         window: 64,
+        ack_timeout_ms: 2_000,
     }
 }
 

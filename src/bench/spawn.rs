@@ -97,6 +97,24 @@ impl LocalMesh {
         self.children[i].id()
     }
 
+    /// Broker `i`'s home.
+    pub fn home(&self, i: usize) -> &Path {
+        &self.homes[i]
+    }
+
+    /// `kill -9` broker `i` (it is restarted with [`LocalMesh::restart`]).
+    pub fn kill9(&mut self, i: usize) {
+        let _ = self.children[i].kill();
+        let _ = self.children[i].wait();
+    }
+
+    /// Starts broker `i` again on its address and home, and waits until it answers.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        self.children[i] = spawn_broker(&exe, &self.homes[i], &self.addrs[i])?;
+        self.wait_ready(i).await
+    }
+
     /// The directory holding every broker home (removed on drop).
     pub fn root(&self) -> Option<&Path> {
         self.root.as_ref().map(|r| r.path())

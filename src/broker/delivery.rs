@@ -9,7 +9,9 @@
 //! 3. Agents that moved take their unread messages with them; messages held for a name that
 //!    turns up on another broker go there.
 
-use federation::delivery::{classify, Arrival, Envelope, MeshStore};
+use std::collections::BTreeMap;
+
+use federation::delivery::{classify, in_order, route, Arrival, Envelope, MeshStore};
 use federation::{AgentName, BrokerId, Dot};
 
 use super::{Broker, State};
@@ -78,6 +80,8 @@ impl MeshStore for Store {
         let mut batch = Batch::new();
         let mut touched: Vec<BrokerId> = Vec::new();
         let c = &b.inner.counters;
+        // Envelopes parked in the reorder buffer by this very batch (not in storage yet).
+        let mut staged: BTreeMap<(BrokerId, u64), Envelope> = BTreeMap::new();
         for env in entries {
             let arrival = {
                 let st: &State = &s;
@@ -91,31 +95,13 @@ impl MeshStore for Store {
                             .and_then(|m| m.lookup(a.as_str()))
                             .map(|e| e.owner)
                     },
-                    || {
-                        st.agents
-                            .iter()
-                            .filter(|(_, x)| !x.record.is_forward())
-                            .map(|(n, _)| n.clone())
-                            .collect()
-                    },
+                    Vec::new,
                 )
             };
             match arrival {
                 Arrival::Duplicate => {
                     c.duplicates
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                Arrival::Deliver(to) => {
-                    s.clock.accept(env.tdot, env.prev);
-                    touched.push(env.tdot.origin);
-                    for agent in to {
-                        b.put_inbox(&mut s, &mut batch, &agent, &env.message);
-                    }
-                }
-                Arrival::Hold(to) => {
-                    s.clock.accept(env.tdot, env.prev);
-                    touched.push(env.tdot.origin);
-                    b.put_inbox(&mut s, &mut batch, &to, &env.message);
                 }
                 Arrival::Relay => {
                     let Ok(pos) = b.next_seq(&mut s) else {
@@ -129,25 +115,51 @@ impl MeshStore for Store {
                     s.last_arrival = pos;
                     c.relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                Arrival::Forward(dest) => {
+                _ if !in_order(&s.clock, &env) => {
+                    // It overtook its predecessor: park it until that one arrives.
+                    let origin = env.tdot.origin;
                     s.clock.accept(env.tdot, env.prev);
-                    touched.push(env.tdot.origin);
-                    let Ok(pos) = b.next_seq(&mut s) else {
-                        continue;
-                    };
-                    b.enqueue(
-                        &mut s,
-                        &mut batch,
-                        dest,
-                        pos,
-                        Dot::new(me, pos),
-                        false,
-                        env.message,
-                        now,
+                    touched.push(origin);
+                    batch.put(
+                        outbox::pending_key(origin, env.tdot.seq),
+                        federation::wire::encode(&env),
                     );
-                    s.last_arrival = pos;
-                    c.forwarded
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    staged.insert((origin, env.tdot.seq), env);
+                }
+                _ => {
+                    let origin = env.tdot.origin;
+                    s.clock.accept(env.tdot, env.prev);
+                    touched.push(origin);
+                    b.hand_on(&mut s, &mut batch, mesh.as_ref(), env, now);
+                    // Whatever waited for this one goes now, in order.
+                    let upto = s.clock.contiguous(origin);
+                    let mut ready: BTreeMap<u64, (Option<Vec<u8>>, Envelope)> = BTreeMap::new();
+                    if let Ok(stored) =
+                        b.inner
+                            .engine
+                            .scan(&outbox::pending_prefix(origin), None, usize::MAX)
+                    {
+                        for (k, v) in stored {
+                            let Ok(e) = outbox::decode(&v) else { continue };
+                            if e.tdot.seq <= upto {
+                                ready.insert(e.tdot.seq, (Some(k), e));
+                            }
+                        }
+                    }
+                    let staged_ready: Vec<(BrokerId, u64)> = staged
+                        .range((origin, 0)..=(origin, upto))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in staged_ready {
+                        let e = staged.remove(&k).expect("listed");
+                        ready.insert(k.1, (Some(outbox::pending_key(origin, k.1)), e));
+                    }
+                    for (_, (key, e)) in ready {
+                        if let Some(key) = key {
+                            batch.delete(key);
+                        }
+                        b.hand_on(&mut s, &mut batch, mesh.as_ref(), e, now);
+                    }
                 }
             }
         }
@@ -182,6 +194,61 @@ impl MeshStore for Store {
 }
 
 impl Broker {
+    /// Delivers, holds or forwards an envelope whose turn it is. Call with the lock held.
+    fn hand_on(
+        &self,
+        s: &mut State,
+        batch: &mut Batch,
+        mesh: Option<&federation::driver::Handle>,
+        env: Envelope,
+        now: u64,
+    ) {
+        let arrival = {
+            let st: &State = s;
+            route(
+                &env,
+                self.id(),
+                |a| st.agents.get(a).is_some_and(|x| !x.record.is_forward()),
+                |a| mesh.and_then(|m| m.lookup(a.as_str())).map(|e| e.owner),
+                || {
+                    st.agents
+                        .iter()
+                        .filter(|(_, x)| !x.record.is_forward())
+                        .map(|(n, _)| n.clone())
+                        .collect()
+                },
+            )
+        };
+        match arrival {
+            Arrival::Deliver(to) => {
+                for agent in to {
+                    self.put_inbox(s, batch, &agent, &env.message);
+                }
+            }
+            Arrival::Hold(to) => self.put_inbox(s, batch, &to, &env.message),
+            Arrival::Forward(dest) => {
+                let Ok(pos) = self.next_seq(s) else { return };
+                let me = self.id();
+                self.enqueue(
+                    s,
+                    batch,
+                    dest,
+                    pos,
+                    Dot::new(me, pos),
+                    false,
+                    env.message,
+                    now,
+                );
+                s.last_arrival = pos;
+                self.inner
+                    .counters
+                    .forwarded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Arrival::Duplicate | Arrival::Relay => {}
+        }
+    }
+
     /// Puts a message that arrived from the mesh into a local inbox. Call with the lock held.
     fn put_inbox(&self, s: &mut State, batch: &mut Batch, to: &AgentName, m: &federation::Message) {
         let Ok(pos) = self.next_seq(s) else { return };

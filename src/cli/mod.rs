@@ -4,6 +4,7 @@ mod bench;
 mod broadcast;
 mod broker;
 mod check;
+mod demo;
 mod health;
 mod list;
 mod mcp;
@@ -66,6 +67,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Exit 0 if the broker answers, 1 if not
     Health,
+    /// Start three brokers here, show agents messaging across them and a crash survived; exits
+    Demo,
     /// Rename yourself; the old name forwards for a while and others are told
     Rename(rename::RenameArgs),
     /// MCP stdio server for one assistant; attaches to the broker, or becomes it
@@ -150,6 +153,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::List(a) => list::run(ctx, a).await,
         Command::Status(a) => status::run(ctx, a).await,
         Command::Health => health::run(ctx).await,
+        Command::Demo => demo::run(ctx).await,
         Command::Rename(a) => rename::run(ctx, a).await,
         Command::Mcp(a) => mcp::run(ctx, a).await,
         Command::Bench(a) => bench::run(ctx, a, cli.global.broker.is_some()).await,

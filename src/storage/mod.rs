@@ -81,6 +81,9 @@ pub mod keys {
     pub const OUTBOX: u8 = b'o';
     /// The last sequence queued per destination: `q` + destination → u64 BE.
     pub const CHAIN: u8 = b'q';
+    /// The reorder buffer: `p` + origin broker + sequence → an envelope that overtook its
+    /// predecessor and waits for it.
+    pub const PENDING: u8 = b'p';
     /// The delivery clock: `c` + origin broker → encoded origin clock.
     pub const CLOCK: u8 = b'c';
     /// Send dedup keys: `k` + sender + `\0` + key → encoded [`crate::broker::DedupEntry`].
