@@ -1,10 +1,12 @@
 //! A fault-injecting TCP proxy for tests: forwards to a target, and can cut every connection
-//! (now and until healed), or refuse connections from given source IPs.
+//! (now and until healed), refuse connections from given source IPs, hold one direction of the
+//! connections from an IP (a one-way cut: bytes wait, as TCP would keep retransmitting them),
+//! and delay every chunk it forwards.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,11 +15,34 @@ pub struct Proxy {
     state: Arc<State>,
 }
 
+/// Which way bytes flow through the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dir {
+    /// From the dialer to the target.
+    Up,
+    /// From the target back to the dialer.
+    Down,
+}
+
 struct State {
     cut: AtomicBool,
     stop: AtomicBool,
+    delay_ms: AtomicU64,
     blocked: Mutex<HashSet<IpAddr>>,
-    open: Mutex<Vec<(IpAddr, TcpStream, TcpStream)>>,
+    held: Mutex<HashSet<(IpAddr, Dir)>>,
+    open: Mutex<Vec<Conn>>,
+}
+
+struct Conn {
+    from: IpAddr,
+    a: TcpStream,
+    b: TcpStream,
+}
+
+impl State {
+    fn is_held(&self, from: IpAddr, dir: Dir) -> bool {
+        self.held.lock().unwrap().contains(&(from, dir))
+    }
 }
 
 impl Proxy {
@@ -29,7 +54,9 @@ impl Proxy {
         let state = Arc::new(State {
             cut: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
             blocked: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashSet::new()),
             open: Mutex::new(Vec::new()),
         });
         let (st, target) = (state.clone(), target.to_string());
@@ -50,13 +77,19 @@ impl Proxy {
                         client.set_nonblocking(false).unwrap();
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        st.open.lock().unwrap().push((
+                        st.open.lock().unwrap().push(Conn {
+                            from: from.ip(),
+                            a: client.try_clone().unwrap(),
+                            b: server.try_clone().unwrap(),
+                        });
+                        pipe(
+                            st.clone(),
                             from.ip(),
+                            Dir::Up,
                             client.try_clone().unwrap(),
                             server.try_clone().unwrap(),
-                        ));
-                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                        pipe(server, client);
+                        );
+                        pipe(st.clone(), from.ip(), Dir::Down, server, client);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -68,24 +101,52 @@ impl Proxy {
     /// Drops every connection through the proxy and refuses new ones until `heal`.
     pub fn cut(&self) {
         self.state.cut.store(true, Ordering::SeqCst);
-        for (_, a, b) in self.state.open.lock().unwrap().drain(..) {
-            let _ = a.shutdown(Shutdown::Both);
-            let _ = b.shutdown(Shutdown::Both);
-        }
+        self.drop_connections(|_| true);
     }
 
+    /// Drops every connection now (mid-frame, likely), without refusing new ones.
+    pub fn reset(&self) {
+        self.drop_connections(|_| true);
+    }
+
+    /// Drops the connections coming from `ip` now, without refusing new ones.
+    pub fn reset_from(&self, ip: &str) {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.drop_connections(|c| c.from == ip);
+    }
+
+    /// Undoes `cut`, `block_from` and `hold_from`; keeps the delay.
     pub fn heal(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
+        self.state.blocked.lock().unwrap().clear();
+        self.state.held.lock().unwrap().clear();
     }
 
     /// Refuses (and drops) connections coming from `ip`.
     pub fn block_from(&self, ip: &str) {
         let ip: IpAddr = ip.parse().unwrap();
         self.state.blocked.lock().unwrap().insert(ip);
-        self.state.open.lock().unwrap().retain(|(from, a, b)| {
-            if *from == ip {
-                let _ = a.shutdown(Shutdown::Both);
-                let _ = b.shutdown(Shutdown::Both);
+        self.drop_connections(|c| c.from == ip);
+    }
+
+    /// Holds the bytes flowing `dir` on connections from `ip` (existing and new) until healed.
+    pub fn hold_from(&self, ip: &str, dir: Dir) {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.state.held.lock().unwrap().insert((ip, dir));
+    }
+
+    /// Delays every chunk forwarded, in both directions.
+    pub fn set_delay(&self, d: Duration) {
+        self.state
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn drop_connections(&self, which: impl Fn(&Conn) -> bool) {
+        self.state.open.lock().unwrap().retain(|c| {
+            if which(c) {
+                let _ = c.a.shutdown(Shutdown::Both);
+                let _ = c.b.shutdown(Shutdown::Both);
                 false
             } else {
                 true
@@ -101,13 +162,21 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(st: Arc<State>, from_ip: IpAddr, dir: Dir, mut from: TcpStream, mut to: TcpStream) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 64 * 1024];
         loop {
+            // A held direction stops reading: the sender's TCP buffers fill, as on a black hole.
+            while st.is_held(from_ip, dir) && !st.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    let delay = st.delay_ms.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        std::thread::sleep(Duration::from_millis(delay));
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
