@@ -173,6 +173,27 @@ pub struct MessageView {
     pub read: bool,
 }
 
+impl MessageView {
+    /// The message as the documented JSON object (`check --json`, MCP `structuredContent`):
+    /// `id`, `from`, `to`, `sent_at`, `content`, `data` (object or null), `reply_to`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let data = self
+            .data
+            .as_deref()
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "id": self.id,
+            "from": self.from,
+            "to": self.to,
+            "sent_at": self.sent_at,
+            "content": self.content,
+            "data": data,
+            "reply_to": self.reply_to,
+        })
+    }
+}
+
 /// An agent as `list` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgentView {

@@ -33,7 +33,7 @@ pub async fn run(ctx: Ctx, a: CheckArgs) -> anyhow::Result<ExitCode> {
     let (messages, unread) = client.check(wait, a.limit).await?;
     if a.json {
         let out = serde_json::json!({
-            "messages": messages.iter().map(message_json).collect::<Vec<_>>(),
+            "messages": messages.iter().map(MessageView::to_json).collect::<Vec<_>>(),
             "unread": unread,
         });
         println!("{out}");
@@ -48,24 +48,6 @@ pub async fn run(ctx: Ctx, a: CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A message as the documented JSON object.
-pub fn message_json(m: &MessageView) -> serde_json::Value {
-    let data = m
-        .data
-        .as_deref()
-        .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .unwrap_or(serde_json::Value::Null);
-    serde_json::json!({
-        "id": m.id,
-        "from": m.from,
-        "to": m.to,
-        "sent_at": m.sent_at,
-        "content": m.content,
-        "data": data,
-        "reply_to": m.reply_to,
-    })
 }
 
 fn human(m: &MessageView) -> String {

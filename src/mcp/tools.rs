@@ -750,25 +750,8 @@ fn unread_sentence(unread: u64) -> String {
 }
 
 /// A message as the documented JSON object (the same shape as `ipc-mesh check --json`).
-fn message_json(m: &MessageView) -> Value {
-    let data = m
-        .data
-        .as_deref()
-        .and_then(|d| serde_json::from_str::<Value>(d).ok())
-        .unwrap_or(Value::Null);
-    json!({
-        "id": m.id,
-        "from": m.from,
-        "to": m.to,
-        "sent_at": m.sent_at,
-        "content": m.content,
-        "data": data,
-        "reply_to": m.reply_to,
-    })
-}
-
 fn messages_json(messages: &[MessageView]) -> Vec<Value> {
-    messages.iter().map(message_json).collect()
+    messages.iter().map(MessageView::to_json).collect()
 }
 
 fn messages_text(messages: &[MessageView], unread: u64, waited: bool) -> String {
