@@ -98,32 +98,16 @@ impl Broker {
                 if m.from.as_str() == SYSTEM || !s.agents.contains_key(&m.from) {
                     continue;
                 }
-                let Ok(seq) = self.next_seq(&mut s) else {
+                let text = format!(
+                    "⌛ your message {} to {} expired unread after {}: {}",
+                    m.dot,
+                    m.to,
+                    humantime::format_duration(self.config().limits.retention),
+                    preview(&m.content)
+                );
+                if !self.notify_expired(&mut s, &mut batch, &m, text, now) {
                     break;
-                };
-                let notice = Message {
-                    dot: Dot::new(self.id(), seq),
-                    from: AgentName::new(SYSTEM).expect("valid"),
-                    to: m.from.clone(),
-                    sent_at_ms: now,
-                    content: format!(
-                        "⌛ your message {} to {} expired unread after {}: {}",
-                        m.dot,
-                        m.to,
-                        humantime::format_duration(self.config().limits.retention),
-                        preview(&m.content)
-                    ),
-                    data: Some(
-                        serde_json::json!({"expired": m.dot.to_string(), "to": m.to.to_string()})
-                            .to_string(),
-                    ),
-                    reply_to: Some(m.dot),
-                    kind: MessageKind::Notice,
-                };
-                inbox::put_unread(&mut batch, &m.from, seq, inbox::encode_message(&notice));
-                *s.unread.entry(m.from.clone()).or_default() += 1;
-                s.last_arrival = seq;
-                s.to_wake.push(m.from);
+                }
             }
             self.apply(&mut s, batch)
                 .map_err(|e| crate::error::Error::Storage(e.message))?;
@@ -170,30 +154,20 @@ impl Broker {
                     tracing::warn!(id = %m.dot, to = %m.to, "a message expired undelivered; its sender is not attached here to be told");
                     continue;
                 }
-                let Ok(seq) = self.next_seq(&mut s) else {
+                let to = if env.broadcast {
+                    "everyone".to_string()
+                } else {
+                    m.to.to_string()
+                };
+                let text = format!(
+                    "⌛ your message {} to {to} expired undelivered after {} (broker {dest} could not be reached): {}",
+                    m.dot,
+                    humantime::format_duration(self.config().limits.retention),
+                    preview(&m.content)
+                );
+                if !self.notify_expired(&mut s, &mut batch, &m, text, now) {
                     break;
-                };
-                let notice = Message {
-                    dot: Dot::new(self.id(), seq),
-                    from: AgentName::new(SYSTEM).expect("valid"),
-                    to: m.from.clone(),
-                    sent_at_ms: now,
-                    content: format!(
-                        "⌛ your message {} to {} expired undelivered after {} (broker {} could not be reached): {}",
-                        m.dot,
-                        if env.broadcast { "everyone".to_string() } else { m.to.to_string() },
-                        humantime::format_duration(self.config().limits.retention),
-                        dest,
-                        preview(&m.content)
-                    ),
-                    data: Some(serde_json::json!({"expired": m.dot.to_string(), "to": m.to.to_string()}).to_string()),
-                    reply_to: Some(m.dot),
-                    kind: MessageKind::Notice,
-                };
-                inbox::put_unread(&mut batch, &m.from, seq, inbox::encode_message(&notice));
-                *s.unread.entry(m.from.clone()).or_default() += 1;
-                s.last_arrival = seq;
-                s.to_wake.push(m.from);
+                }
             }
             if !batch.is_empty() {
                 self.apply(&mut s, batch)
@@ -259,6 +233,41 @@ impl Broker {
             .messages_expired
             .fetch_add(swept.expired, std::sync::atomic::Ordering::Relaxed);
         Ok(swept)
+    }
+}
+
+impl Broker {
+    /// Puts a notice from `system` about expired message `m` into its sender's inbox. Call
+    /// with the lock held; false if no sequence could be had (storage failing).
+    fn notify_expired(
+        &self,
+        s: &mut super::State,
+        batch: &mut Batch,
+        m: &Message,
+        content: String,
+        now: u64,
+    ) -> bool {
+        let Ok(seq) = self.next_seq(s) else {
+            return false;
+        };
+        let notice = Message {
+            dot: Dot::new(self.id(), seq),
+            from: AgentName::new(SYSTEM).expect("valid"),
+            to: m.from.clone(),
+            sent_at_ms: now,
+            content,
+            data: Some(
+                serde_json::json!({"expired": m.dot.to_string(), "to": m.to.to_string()})
+                    .to_string(),
+            ),
+            reply_to: Some(m.dot),
+            kind: MessageKind::Notice,
+        };
+        inbox::put_unread(batch, &m.from, seq, inbox::encode_message(&notice));
+        *s.unread.entry(m.from.clone()).or_default() += 1;
+        s.last_arrival = seq;
+        s.to_wake.push(m.from.clone());
+        true
     }
 }
 
