@@ -328,3 +328,52 @@ async fn a_broadcast_reaches_every_broker_once() {
         assert_eq!(got[0].from, "alice");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_waits_past_the_retention_expires_and_its_sender_is_told() {
+    let (ha, hb) = (temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let cfg = ha.path().join("short.toml");
+    std::fs::write(&cfg, "[limits]\nretention = \"3s\"\n").unwrap();
+    let _a = BrokerProc::start_full(
+        ha.path(),
+        &a_addr,
+        &["--config", cfg.to_str().unwrap()],
+        &[],
+    );
+    let mut b = broker(hb.path(), &b_addr, None, &[&a_addr]);
+    drop(agent(&b_addr, hb.path(), "bob").await);
+    until_listed(ha.path(), &a_addr, "bob");
+    b.kill9();
+    let mut alice = agent(&a_addr, ha.path(), "alice").await;
+    let id = match alice
+        .send(Outgoing {
+            to: "bob".into(),
+            content: "are you there?".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    {
+        Reply::Sent { id, .. } => id,
+        r => panic!("{r:?}"),
+    };
+    // Alice stays connected (her own claim does not lapse); the notice comes to her.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no expiry notice");
+        let (msgs, _) = alice.check(Some(Duration::from_secs(2)), 10).await.unwrap();
+        if let Some(n) = msgs.iter().find(|m| m.from == "system") {
+            assert!(
+                n.content.contains(&id) && n.content.contains("expired undelivered"),
+                "{}",
+                n.content
+            );
+            assert_eq!(n.reply_to.as_deref(), Some(id.as_str()));
+            break;
+        }
+    }
+    let v = status_json(ha.path(), &a_addr);
+    assert!(v["counters"]["messages_expired"].as_u64().unwrap() >= 1);
+}
