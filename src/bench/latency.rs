@@ -39,6 +39,8 @@ pub struct Params {
 const MAX_MESSAGES: u64 = 10_000_000;
 /// How long after the last due time every message must have arrived.
 const GRACE: Duration = Duration::from_secs(30);
+/// How long past its own timeout a wait may go unanswered before the run fails.
+const UNANSWERED: Duration = Duration::from_secs(10);
 /// Head start for the recipient's first long poll before the first send is due.
 const LEAD_IN: Duration = Duration::from_millis(100);
 
@@ -223,13 +225,22 @@ async fn receive(
             !left.is_zero(),
             "only {got} of {total} messages were delivered in time"
         );
-        let reply = conn
-            .call(Body::Wait {
-                timeout_ms: left.as_millis().clamp(1, 1000) as u64,
-                limit: 1000,
-                mark_read: false,
-            })
+        let wait_ms = left.as_millis().clamp(1, 1000) as u64;
+        let wait = conn.call(Body::Wait {
+            timeout_ms: wait_ms,
+            limit: 1000,
+            mark_read: false,
+        });
+        // The broker owes an answer within the wait's own timeout; far past it, say so
+        // instead of hanging.
+        let reply = tokio::time::timeout(Duration::from_millis(wait_ms) + UNANSWERED, wait)
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the recipient's wait ({wait_ms} ms) went unanswered for {:?}, with {got} of {total} messages delivered",
+                    Duration::from_millis(wait_ms) + UNANSWERED
+                )
+            })?
             .context("the recipient could not wait for messages")?;
         let now = Instant::now();
         let Reply::Messages { messages, .. } = reply else {
