@@ -380,3 +380,93 @@ fn ctrl_c_stops_and_removes_the_bench_brokers() {
     assert!(err.contains("interrupted"), "{err}");
     assert_clean(t.path());
 }
+
+#[test]
+fn registry_reports_formation_and_propagation_from_one_seed_and_cleans_up() {
+    let t = tmp();
+    let out = bench(
+        t.path(),
+        &[
+            "bench",
+            "registry",
+            "--brokers",
+            "3",
+            "--registrations",
+            "5",
+            "--json",
+        ],
+    );
+    let v = fields(
+        &out,
+        &[
+            "formation_ms",
+            "propagation_p50_ms",
+            "propagation_p99_ms",
+            "propagation_max_ms",
+            "brokers",
+            "registrations",
+        ],
+    );
+    assert_eq!(v["brokers"], 3);
+    assert_eq!(v["registrations"], 5);
+    // Each of the 3 links is opened at least once, so the excess is never negative.
+    let extra = v["extra_links"].as_f64().expect("extra_links is a number");
+    assert!(extra >= 0.0, "extra_links = {extra} in {v}");
+    assert_clean(t.path());
+}
+
+#[test]
+fn failover_reports_kill_to_served_and_cleans_up() {
+    let t = tmp();
+    let out = bench(t.path(), &["bench", "failover", "--kills", "1", "--json"]);
+    let v = fields(
+        &out,
+        &["failover_ms", "failover_min_ms", "failover_max_ms", "kills"],
+    );
+    assert_eq!(v["kills"], 1);
+    assert_clean(t.path());
+}
+
+#[test]
+fn drain_reports_backlog_memory_and_drain_rate_and_cleans_up() {
+    let t = tmp();
+    let out = bench(t.path(), &["bench", "drain", "--backlog", "200", "--json"]);
+    let v = fields(
+        &out,
+        &[
+            "backlog",
+            "queued_per_sec",
+            "drain_ms",
+            "drain_per_sec",
+            "rss_mib",
+        ],
+    );
+    assert_eq!(v["backlog"], 200);
+    assert_clean(t.path());
+}
+
+#[test]
+fn scenarios_that_kill_brokers_refuse_a_running_one() {
+    let t = tmp();
+    let out = Command::new(BIN)
+        .args([
+            "--broker",
+            "127.0.0.1:9",
+            "bench",
+            "failover",
+            "--kills",
+            "1",
+        ])
+        .env("TMPDIR", t.path())
+        .env_remove("IPC_MESH_BROKER")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--broker") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_clean(t.path());
+}

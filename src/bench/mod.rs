@@ -7,6 +7,8 @@
 //!    child processes of this executable, loopback ports, temporary homes, a config without
 //!    rate limits), or a running broker named with `--broker`.
 //! 2. With several brokers, wait until each has its peer links up ([`await_links`]).
+//!    ([`registry`], [`failover`] and [`drain`] start their own brokers, since they shape the
+//!    mesh or kill brokers: one seed for all, or a broker killed and restarted.)
 //! 3. The scenario ([`throughput`], [`latency`], [`baseline`]) registers its own agents under a
 //!    fresh random prefix (senders on the first broker, recipients on the last, and waits until
 //!    the first lists the recipients: [`await_known`]), drives load with pipelined
@@ -22,7 +24,10 @@
 //! [`Connection`]: crate::client::Connection
 
 pub mod baseline;
+pub mod drain;
+pub mod failover;
 pub mod latency;
+pub mod registry;
 pub mod spawn;
 pub mod throughput;
 

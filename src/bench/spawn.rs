@@ -2,7 +2,7 @@
 //!
 //! 1. Make one temporary directory (under `$TMPDIR`) holding a home per broker.
 //! 2. Pick a free loopback port per broker and write each home's `mesh.toml`: that listen
-//!    address, the other brokers as peers, a sibling-port range of just its own port (so a
+//!    address, the other brokers as peers (or, with [`Seeds::First`], only the first), a sibling-port range of just its own port (so a
 //!    bench broker never joins a real mesh on 9876–9885), and limits that stay out of the way
 //!    (`rate_per_sec = 0` turns the per-agent rate limit off; a large `inbox_max`), so the
 //!    figures measure the broker rather than its guard rails.
@@ -30,6 +30,20 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Large enough that no bench fills an inbox; the default (10,000) would refuse sends.
 pub const BENCH_INBOX_MAX: usize = 100_000_000;
+/// Large enough that `bench drain --backlog 1000000` fits in one peer's outbox; the default
+/// (1,000,000) would refuse the last sends of it.
+pub const BENCH_OUTBOX_MAX: u64 = 100_000_000;
+
+/// Which peers each broker's `mesh.toml` names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Seeds {
+    /// Every broker names every other one (a full mesh from the start).
+    #[default]
+    All,
+    /// Every broker names only broker 0 (which names none): the rest of the mesh has to be
+    /// learned, as when a fleet is started from one seed.
+    First,
+}
 
 /// Brokers started by the bench. Dropping it stops them and removes their homes.
 pub struct LocalMesh {
@@ -40,8 +54,14 @@ pub struct LocalMesh {
 }
 
 impl LocalMesh {
-    /// Starts `n` brokers on free loopback ports and waits until every one answers.
+    /// Starts `n` brokers on free loopback ports, each naming every other as a peer, and waits
+    /// until every one answers.
     pub async fn start(n: usize) -> anyhow::Result<LocalMesh> {
+        LocalMesh::start_seeded(n, Seeds::All).await
+    }
+
+    /// [`LocalMesh::start`] with the peers each broker is given chosen by `seeds`.
+    pub async fn start_seeded(n: usize, seeds: Seeds) -> anyhow::Result<LocalMesh> {
         let root = tempfile::Builder::new()
             .prefix("ipc-mesh-bench-")
             .tempdir()
@@ -62,7 +82,11 @@ impl LocalMesh {
         for (i, port) in ports.iter().enumerate() {
             let home = root.path().join(format!("broker{i}"));
             fs::create_dir_all(&home)?;
-            let peers: Vec<&String> = addrs.iter().filter(|a| **a != addrs[i]).collect();
+            let peers: Vec<&String> = match seeds {
+                Seeds::All => addrs.iter().filter(|a| **a != addrs[i]).collect(),
+                Seeds::First if i == 0 => Vec::new(),
+                Seeds::First => vec![&addrs[0]],
+            };
             fs::write(
                 home.join("mesh.toml"),
                 config_text(&addrs[i], *port, &peers),
@@ -181,7 +205,8 @@ fn config_text(listen: &str, port: u16, peers: &[&String]) -> String {
         "# Written by `ipc-mesh bench`; removed with this directory.\n\
          [broker]\nlisten = \"{listen}\"\n\
          [mesh]\npeers = [{}]\nsibling_ports = \"{port}-{port}\"\n\
-         [limits]\nrate_per_sec = 0\ninbox_max = {BENCH_INBOX_MAX}\n",
+         [limits]\nrate_per_sec = 0\ninbox_max = {BENCH_INBOX_MAX}\n\
+         outbox_max = {BENCH_OUTBOX_MAX}\n",
         peers.join(", ")
     )
 }
@@ -256,6 +281,7 @@ mod tests {
         let c = crate::config::Config::parse(&text).unwrap();
         assert_eq!(c.limits.rate_per_sec, 0);
         assert_eq!(c.limits.inbox_max, BENCH_INBOX_MAX);
+        assert_eq!(c.limits.outbox_max, BENCH_OUTBOX_MAX);
         assert_eq!(c.mesh.peers, vec![peer]);
         assert_eq!(c.mesh.sibling_ports, (1, 1));
     }

@@ -9,7 +9,10 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use super::Ctx;
-use crate::bench::{self, baseline, latency, throughput, Metrics, Summary, Target, MAX_RUNS};
+use crate::bench::{
+    self, baseline, drain, failover, latency, registry, throughput, Metrics, Summary, Target,
+    MAX_RUNS,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -19,6 +22,12 @@ pub enum BenchCommand {
     Latency(LatencyArgs),
     /// This machine's limits: loopback TCP round trip and throughput, sled inserts with flushes
     Baseline(BaselineArgs),
+    /// Brokers started from one seed: time to a full mesh, and a registration's spread
+    Registry(RegistryArgs),
+    /// An mcp-style client whose broker is killed: time until its next request is served
+    Failover(FailoverArgs),
+    /// A backlog queued for a dead peer: its memory, and how fast it drains once the peer is back
+    Drain(DrainArgs),
 }
 
 /// Flags of every scenario.
@@ -83,6 +92,42 @@ pub struct BaselineArgs {
     pub common: Common,
 }
 
+#[derive(Args, Debug)]
+pub struct RegistryArgs {
+    /// Brokers, each given only the first as its seed (2 to 10)
+    #[arg(long, default_value_t = 10)]
+    pub brokers: usize,
+    /// Fresh agents registered, each on a random broker, to time propagation
+    #[arg(long, default_value_t = 100, hide = true)]
+    pub registrations: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// Kills per run (the broker is restarted between them); the median is reported
+    #[arg(long, default_value_t = 5)]
+    pub kills: u32,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// Messages queued for the dead peer
+    #[arg(long, default_value_t = 100_000)]
+    pub backlog: u64,
+    /// Content bytes per message
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// Sends in flight
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 /// Runs a scenario `--runs` times, stopping early (with clean-up) on Ctrl-C or SIGTERM.
 pub async fn run(ctx: Ctx, cmd: BenchCommand, explicit_broker: bool) -> anyhow::Result<ExitCode> {
     let target = |brokers: usize| -> anyhow::Result<Target> {
@@ -127,6 +172,31 @@ pub async fn run(ctx: Ctx, cmd: BenchCommand, explicit_broker: bool) -> anyhow::
             let s = repeat(&a.common, || baseline::run(&p)).await?;
             ("baseline", a.common, s)
         }
+        BenchCommand::Registry(a) => {
+            own_brokers(explicit_broker, "registry")?;
+            let p = registry::Params {
+                brokers: a.brokers,
+                registrations: a.registrations,
+            };
+            let s = repeat(&a.common, || registry::run(&p)).await?;
+            ("registry", a.common, s)
+        }
+        BenchCommand::Failover(a) => {
+            own_brokers(explicit_broker, "failover")?;
+            let p = failover::Params { kills: a.kills };
+            let s = repeat(&a.common, || failover::run(&p)).await?;
+            ("failover", a.common, s)
+        }
+        BenchCommand::Drain(a) => {
+            own_brokers(explicit_broker, "drain")?;
+            let p = drain::Params {
+                backlog: a.backlog,
+                size: a.size,
+                window: a.window,
+            };
+            let s = repeat(&a.common, || drain::run(&p)).await?;
+            ("drain", a.common, s)
+        }
     };
     if common.json {
         println!("{}", summary.to_json());
@@ -134,6 +204,15 @@ pub async fn run(ctx: Ctx, cmd: BenchCommand, explicit_broker: bool) -> anyhow::
         print!("{}", summary.to_table(title));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Scenarios that kill or shape brokers cannot run against someone else's.
+fn own_brokers(explicit_broker: bool, scenario: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !explicit_broker,
+        "bench {scenario} starts (and kills) its own brokers; leave out --broker"
+    );
+    Ok(())
 }
 
 async fn repeat<F, Fut>(common: &Common, mut scenario: F) -> anyhow::Result<Summary>
