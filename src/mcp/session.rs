@@ -185,6 +185,17 @@ impl Mesh {
             )));
         }
         if need_agent && link.agent.is_none() {
+            // A register call may be under way (a client may send the next tool call before
+            // its answer): wait for it, within the same bound, before refusing.
+            if tokio::time::timeout_at(deadline, self.inner.identity.lock())
+                .await
+                .is_ok()
+            {
+                let now = self.link();
+                if now.agent.is_some() && now.settled() {
+                    return Ok(now);
+                }
+            }
             return Err(CallError::NotRegistered(not_registered_text(&link)));
         }
         Ok(link)
@@ -331,8 +342,12 @@ impl Mesh {
     /// `rename`: renames this session's agent; its token stays the same.
     pub async fn rename(&self, new: AgentName) -> Result<Renamed, CallError> {
         let _one_at_a_time = self.inner.identity.lock().await;
-        let link = self.ready(true, Instant::now() + HANDOVER_WAIT).await?;
-        let agent = link.agent.clone().expect("ready(need_agent) has an agent");
+        // Not ready(true): that waits for a registration under way, which is us holding the
+        // identity lock.
+        let link = self.ready(false, Instant::now() + HANDOVER_WAIT).await?;
+        let Some(agent) = link.agent.clone() else {
+            return Err(CallError::NotRegistered(not_registered_text(&link)));
+        };
         self.update(|l| l.renaming = Some(new.clone()));
         let conn = link.conn.clone().expect("settled links have a connection");
         let result = conn
