@@ -61,6 +61,26 @@ pub fn clock_key(origin: BrokerId) -> Vec<u8> {
     k
 }
 
+pub fn member_key(id: BrokerId) -> Vec<u8> {
+    let mut k = vec![keys::MEMBER];
+    k.extend_from_slice(&id.as_u32().to_be_bytes());
+    k
+}
+
+/// The brokers this one has linked with, and their addresses.
+pub fn load_members(engine: &dyn Engine) -> Result<BTreeMap<BrokerId, String>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in engine.scan(&[keys::MEMBER], None, usize::MAX)? {
+        if let Ok(id) = <[u8; 4]>::try_from(&k[1..]) {
+            out.insert(
+                BrokerId::from_u32(u32::from_be_bytes(id)),
+                String::from_utf8_lossy(&v).into_owned(),
+            );
+        }
+    }
+    Ok(out)
+}
+
 pub fn decode(v: &[u8]) -> Result<Envelope> {
     federation::wire::decode(v).map_err(|e| Error::Storage(format!("corrupt envelope: {e}")))
 }

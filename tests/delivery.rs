@@ -377,3 +377,47 @@ async fn a_message_that_waits_past_the_retention_expires_and_its_sender_is_told(
     let v = status_json(ha.path(), &a_addr);
     assert!(v["counters"]["messages_expired"].as_u64().unwrap() >= 1);
 }
+
+/// Regression (chaos seed 7): a broker that restarted and had not heard from its peers yet
+/// queued broadcasts for no one, and agents elsewhere never got them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_sent_right_after_a_restart_reaches_every_broker() {
+    let (ha, hb) = (temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let pa = Proxy::start("127.0.0.5", &a_addr);
+    let pb = Proxy::start("127.0.0.5", &b_addr);
+    let mut a = broker(ha.path(), &a_addr, Some(&pa.addr), &[]);
+    let _b = broker(hb.path(), &b_addr, Some(&pb.addr), &[&pa.addr]);
+    drop(agent(&b_addr, hb.path(), "bob").await);
+    until_listed(ha.path(), &a_addr, "bob");
+    drop(agent(&a_addr, ha.path(), "alice").await);
+
+    // A restarts while neither can reach the other: it knows B only from before.
+    pa.cut();
+    pb.cut();
+    a.kill9();
+    a.restart();
+    let mut alice = agent(&a_addr, ha.path(), "alice").await;
+    alice.broadcast("after my restart", None).await.unwrap();
+    assert!(
+        peers_up(ha.path(), &a_addr).is_empty(),
+        "the link was still cut when it was sent"
+    );
+    pa.heal();
+    pb.heal();
+
+    let mut bob = agent(&b_addr, hb.path(), "bob").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "bob never got the broadcast");
+        let (msgs, _) = bob
+            .check(Some(Duration::from_millis(500)), 10)
+            .await
+            .unwrap();
+        if let Some(m) = msgs.iter().find(|m| m.content == "after my restart") {
+            assert_eq!(m.from, "alice");
+            break;
+        }
+    }
+}

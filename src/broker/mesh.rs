@@ -63,7 +63,17 @@ pub fn start(
     let node = Node::new(NodeConfig {
         id: broker.id(),
         advertise,
-        seeds: config.mesh.peers.clone(),
+        // Configured peers, and every broker linked with before (so a restart rejoins even
+        // if the configured seed is the one that is down).
+        seeds: {
+            let mut seeds = config.mesh.peers.clone();
+            for m in broker.members() {
+                if !seeds.contains(&m) {
+                    seeds.push(m);
+                }
+            }
+            seeds
+        },
         siblings: siblings(config, listen),
         secret,
         timing: Timing::default(),
@@ -93,6 +103,7 @@ pub fn start(
             tokio::select! {
                 n = rx.recv() => match n {
                     Some(Notice::Superseded(s)) => b.name_superseded(s),
+                    Some(Notice::PeerUp { id, addr }) => b.member_seen(id, &addr),
                     Some(_) => {}
                     None => return,
                 },

@@ -124,6 +124,8 @@ struct State {
     last_to: BTreeMap<BrokerId, u64>,
     /// An outbox was written since the flusher last looked: the mesh should stream.
     outbox_dirty: bool,
+    /// Every broker this one has linked with, and its address (persisted).
+    members: BTreeMap<BrokerId, String>,
 }
 
 struct Agent {
@@ -258,6 +260,7 @@ impl Broker {
         }
 
         let clock = outbox::load_clock(&*engine)?;
+        let members = outbox::load_members(&*engine)?;
         let (outbox_depth, last_to) = outbox::load_depths(&*engine)?;
         let outbox_total = outbox_depth.values().sum();
         let (commit, wake, durable_tx) = Commit::new(Durable {
@@ -289,6 +292,7 @@ impl Broker {
                     outbox_total,
                     last_to,
                     outbox_dirty: false,
+                    members,
                 }),
                 commit,
                 started: Instant::now(),
@@ -380,6 +384,24 @@ impl Broker {
     /// The highest incarnation the mesh has seen for `name`.
     fn mesh_incarnation(&self, name: &AgentName) -> u64 {
         self.mesh().map_or(0, |m| m.max_incarnation(name.as_str()))
+    }
+
+    /// A peer link came up: remember the broker (durably, with the next flush).
+    pub fn member_seen(&self, id: BrokerId, addr: &str) {
+        let mut s = self.state();
+        if s.members.get(&id).map(|a| a.as_str()) == Some(addr) {
+            return;
+        }
+        let mut b = Batch::new();
+        b.put(outbox::member_key(id), addr.as_bytes().to_vec());
+        if self.apply(&mut s, b).is_ok() {
+            s.members.insert(id, addr.to_string());
+        }
+    }
+
+    /// The brokers this one linked with before (for dialing at start-up).
+    pub fn members(&self) -> Vec<String> {
+        self.state().members.values().cloned().collect()
     }
 
     /// Another broker's entry now holds the name of one of ours: the agent moved there, or
@@ -1174,6 +1196,9 @@ impl Broker {
                 let agents = m.agents();
                 let mut brokers: BTreeSet<BrokerId> = m.known_brokers().into_iter().collect();
                 brokers.extend(agents.iter().map(|e| e.owner));
+                // Right after a restart gossip has not caught up yet: the members this broker
+                // linked with before count too.
+                brokers.extend(s.members.keys().copied());
                 brokers.remove(&self.inner.id);
                 let n = agents
                     .iter()

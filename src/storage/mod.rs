@@ -81,6 +81,10 @@ pub mod keys {
     pub const OUTBOX: u8 = b'o';
     /// The last sequence queued per destination: `q` + destination → u64 BE.
     pub const CHAIN: u8 = b'q';
+    /// Brokers of the mesh this broker has linked with: `b` + broker id → advertised address.
+    /// Kept so a broker that restarts still knows whom a broadcast must reach (and whom to
+    /// dial) before gossip has told it anything.
+    pub const MEMBER: u8 = b'b';
     /// The reorder buffer: `p` + origin broker + sequence → an envelope that overtook its
     /// predecessor and waits for it.
     pub const PENDING: u8 = b'p';
