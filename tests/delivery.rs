@@ -421,3 +421,56 @@ async fn a_broadcast_sent_right_after_a_restart_reaches_every_broker() {
         }
     }
 }
+
+/// Regression (bench drain): a backlog queued for a dead broker drains when it restarts, and
+/// the recipient reads all of it, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_for_a_dead_broker_drains_after_it_restarts() {
+    let (ha, hb) = (temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let _a = broker(ha.path(), &a_addr, None, &[]);
+    let mut b = broker(hb.path(), &b_addr, None, &[&a_addr]);
+    drop(agent(&b_addr, hb.path(), "bob").await);
+    until_listed(ha.path(), &a_addr, "bob");
+    b.kill9();
+    const N: usize = 3000;
+    let acked: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    send_numbered(
+        a_addr.clone(),
+        ha.path().to_path_buf(),
+        "alice",
+        "bob",
+        N,
+        acked.clone(),
+        Arc::default(),
+    )
+    .await;
+    b.restart();
+    let mut bob = agent(&b_addr, hb.path(), "bob").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = 0;
+    while got < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of {N} arrived; status of A: {}",
+            status_json(ha.path(), &a_addr)
+        );
+        let reply = bob
+            .call(Body::Fetch {
+                include_read: false,
+                limit: 1000,
+                mark_read: true,
+            })
+            .await
+            .unwrap();
+        let Reply::Messages { messages, .. } = reply else {
+            panic!()
+        };
+        if messages.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        got += messages.len();
+    }
+    assert_eq!(got, N);
+}

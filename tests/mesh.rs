@@ -74,6 +74,11 @@ fn three_brokers_from_one_seed_form_a_mesh_and_share_agents() {
                 .any(|a| a["name"] == "alice" && a["broker"] == id0.as_str())
         });
     }
+    let human = cli_ok(m.h(0), &m.addrs[0], &["status"]);
+    assert!(
+        human.contains("IN FLIGHT") && human.contains(" up "),
+        "{human}"
+    );
     // Each pair keeps exactly one link.
     for i in 0..3 {
         let up = peers_up(m.h(i), &m.addrs[i]);

@@ -37,6 +37,11 @@ pub struct Envelope {
     /// Relays it has passed through.
     pub hops: u8,
     pub broadcast: bool,
+    /// For a broadcast: the agents the origin believed attached to `dest` when it was sent.
+    /// Those that moved on since get it forwarded; agents attached there that the origin did
+    /// not know of get it too.
+    #[serde(default)]
+    pub recipients: Vec<AgentName>,
     /// The message itself; its own dot is the id the sender was given.
     pub message: Message,
     /// When it was queued (ms since the epoch), for expiry.
@@ -56,6 +61,11 @@ pub enum Arrival {
     Forward(BrokerId),
     /// The recipient is known nowhere yet: keep it in a local inbox under its name.
     Hold(AgentName),
+    /// A broadcast: into these local inboxes, and on to these agents' new brokers.
+    Broadcast {
+        deliver: Vec<AgentName>,
+        forward: Vec<(AgentName, BrokerId)>,
+    },
 }
 
 /// Decides what to do with `env` at broker `me`.
@@ -90,7 +100,19 @@ pub fn route(
 ) -> Arrival {
     if env.broadcast {
         let from = &env.message.from;
-        return Arrival::Deliver(local_agents().into_iter().filter(|a| a != from).collect());
+        let mut deliver: Vec<AgentName> =
+            local_agents().into_iter().filter(|a| a != from).collect();
+        let mut forward = Vec::new();
+        for r in env.recipients.iter().filter(|r| *r != from) {
+            if local(r) {
+                if !deliver.contains(r) {
+                    deliver.push(r.clone());
+                }
+            } else if let Some(b) = owner(r).filter(|b| *b != me) {
+                forward.push((r.clone(), b));
+            }
+        }
+        return Arrival::Broadcast { deliver, forward };
     }
     let to = &env.message.to;
     if local(to) {

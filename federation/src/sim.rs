@@ -181,15 +181,20 @@ impl Sim {
         let mut brokers: BTreeSet<BrokerId> = self.node(i).registry().owners().collect();
         brokers.extend(self.node(i).known_brokers());
         brokers.remove(&self.id(i));
-        let dot = self.stores[i].submit(
-            from,
-            "",
-            content,
-            None,
-            true,
-            brokers.into_iter().collect(),
-            self.now,
-        );
+        // As the broker does: each envelope names the agents the registry places there.
+        let mut at: BTreeMap<BrokerId, Vec<AgentName>> = BTreeMap::new();
+        for e in self.node(i).registry().agents() {
+            if e.name != from {
+                if let Ok(n) = AgentName::new(e.name.clone()) {
+                    at.entry(e.owner).or_default().push(n);
+                }
+            }
+        }
+        let dests = brokers
+            .into_iter()
+            .map(|b| (b, at.remove(&b).unwrap_or_default()))
+            .collect();
+        let dot = self.stores[i].submit(from, "", content, None, true, dests, self.now);
         self.store_changed(i);
         dot
     }
@@ -698,6 +703,17 @@ impl MemStore {
         }
     }
 
+    /// Into an inbox, unless that inbox had this message already (a copy that followed a
+    /// moved agent while another reached it directly).
+    fn push(g: &mut MemInner, to: &AgentName, m: Message) {
+        let inbox = g.inboxes.entry(to.clone()).or_default();
+        if inbox.iter().any(|x| x.dot == m.dot) {
+            g.duplicates += 1;
+            return;
+        }
+        inbox.push(m);
+    }
+
     /// Delivers, holds or forwards an envelope whose turn it is.
     fn hand_on(&self, g: &mut MemInner, owners: &BTreeMap<String, BrokerId>, env: Envelope) {
         let agents = g.agents.clone();
@@ -712,11 +728,25 @@ impl MemStore {
                 for a in to {
                     let mut m = env.message.clone();
                     m.to = a.clone();
-                    g.inboxes.entry(a).or_default().push(m);
+                    Self::push(g, &a, m);
                 }
             }
-            Arrival::Hold(to) => g.inboxes.entry(to).or_default().push(env.message),
+            Arrival::Hold(to) => Self::push(g, &to, env.message),
             Arrival::Forward(b) => Self::queue(g, self.me, b, env, true),
+            Arrival::Broadcast { deliver, forward } => {
+                for a in deliver {
+                    let mut m = env.message.clone();
+                    m.to = a.clone();
+                    Self::push(g, &a, m);
+                }
+                for (a, b) in forward {
+                    let mut e = env.clone();
+                    e.broadcast = false;
+                    e.recipients.clear();
+                    e.message.to = a;
+                    Self::queue(g, self.me, b, e, true);
+                }
+            }
             Arrival::Duplicate | Arrival::Relay => {}
         }
     }
@@ -734,6 +764,7 @@ impl MemStore {
                 dest: to,
                 hops: 0,
                 broadcast: false,
+                recipients: Vec::new(),
                 message: m,
                 queued_ms: 0,
             };
@@ -754,7 +785,7 @@ impl MemStore {
         content: &str,
         owner: Option<BrokerId>,
         broadcast: bool,
-        brokers: Vec<BrokerId>,
+        brokers: Vec<(BrokerId, Vec<AgentName>)>,
         now: u64,
     ) -> Dot {
         let mut g = self.inner.lock().unwrap();
@@ -781,21 +812,21 @@ impl MemStore {
             for a in locals {
                 let mut m = message.clone();
                 m.to = a.clone();
-                g.inboxes.entry(a).or_default().push(m);
+                Self::push(&mut g, &a, m);
             }
             brokers
         } else {
             let to = AgentName::new(to).expect("valid name");
             message.to = to.clone();
             match owner {
-                Some(b) if b != self.me => vec![b],
+                Some(b) if b != self.me => vec![(b, Vec::new())],
                 _ => {
                     g.inboxes.entry(to).or_default().push(message.clone());
                     Vec::new()
                 }
             }
         };
-        for dest in dests {
+        for (dest, recipients) in dests {
             let prev = g.last_to.get(&dest).copied().unwrap_or(0);
             g.last_to.insert(dest, dot.seq);
             let env = Envelope {
@@ -804,6 +835,7 @@ impl MemStore {
                 dest,
                 hops: 0,
                 broadcast,
+                recipients,
                 message: message.clone(),
                 queued_ms: now,
             };

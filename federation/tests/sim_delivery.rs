@@ -230,6 +230,7 @@ fn a_retransmission_of_a_very_old_dot_is_recognised() {
         dest: sim.id(1),
         hops: 0,
         broadcast: false,
+        recipients: Vec::new(),
         message: old,
         queued_ms: 0,
     };
@@ -310,5 +311,58 @@ fn order_holds_when_the_path_changes_from_a_relay_to_a_direct_link() {
         );
         sim.run_for(3_000);
         exactly_once_in_order(&sim.inbox(c, "carol"), &sent);
+    }
+}
+
+/// Regression (chaos seed 7): a broadcast racing an agent's move reached it twice (once
+/// directly, once forwarded with its inbox) or not at all (arriving at its old broker after it
+/// left, and at its new one before it came).
+#[test]
+fn a_broadcast_reaches_an_agent_that_moves_while_it_travels_exactly_once() {
+    for reach_new_first in [true, false] {
+        let mut sim = mesh(net(11), 3);
+        sim.register(0, "alice");
+        sim.register(1, "bob");
+        sim.register(2, "carol");
+        sim.run_until(5_000, |s| s.registries_agree()).unwrap();
+        sim.cut(0, 1);
+        sim.cut(0, 2);
+        if reach_new_first {
+            // No relays either: broker 1's copy can only arrive when we say so.
+            sim.cut(1, 2);
+        }
+        sim.run_for(4_000);
+        sim.broadcast(0, "alice", "news");
+        if reach_new_first {
+            // The copy for broker 2 lands while bob is still on 1...
+            sim.uncut(0, 2);
+            sim.run_for(4_000);
+            // ...bob moves to 2, broker 1 hears of it...
+            sim.register(2, "bob");
+            sim.uncut(1, 2);
+            sim.run_for(4_000);
+            // ...and only then does broker 1's copy arrive there.
+            sim.uncut(0, 1);
+        } else {
+            // Bob moves first; broker 2's copy finds him there, broker 1's is forwarded.
+            sim.register(2, "bob");
+            sim.run_for(3_000);
+            sim.uncut(0, 2);
+            sim.run_for(3_000);
+            sim.uncut(0, 1);
+        }
+        sim.run_for(10_000);
+        let bob: Vec<_> = sim
+            .inbox(2, "bob")
+            .into_iter()
+            .chain(sim.inbox(1, "bob"))
+            .filter(|m| m.content == "news")
+            .collect();
+        assert_eq!(
+            bob.len(),
+            1,
+            "bob got the broadcast once (reach_new_first = {reach_new_first})"
+        );
+        assert_eq!(sim.inbox(2, "carol").len(), 1);
     }
 }

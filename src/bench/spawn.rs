@@ -217,7 +217,10 @@ fn spawn_broker(exe: &Path, home: &Path, addr: &str) -> anyhow::Result<Child> {
     cmd.arg("--home")
         .arg(home)
         .args(["broker", "--listen", addr])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("IPC_MESH_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env_remove("IPC_MESH_BROKER")
         .env_remove("IPC_MESH_HOME")
         .stdin(Stdio::null())

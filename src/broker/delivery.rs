@@ -173,6 +173,7 @@ impl MeshStore for Store {
         if batch.is_empty() {
             return s.epoch;
         }
+        s.seen_now.clear();
         match b.apply(&mut s, batch) {
             Ok(epoch) => {
                 drop(s);
@@ -226,6 +227,33 @@ impl Broker {
                 }
             }
             Arrival::Hold(to) => self.put_inbox(s, batch, &to, &env.message),
+            Arrival::Broadcast { deliver, forward } => {
+                for agent in deliver {
+                    self.put_inbox(s, batch, &agent, &env.message);
+                }
+                let me = self.id();
+                for (agent, dest) in forward {
+                    let Ok(pos) = self.next_seq(s) else { return };
+                    let mut m = env.message.clone();
+                    m.to = agent;
+                    self.enqueue(
+                        s,
+                        batch,
+                        dest,
+                        pos,
+                        Dot::new(me, pos),
+                        false,
+                        Vec::new(),
+                        m,
+                        now,
+                    );
+                    s.last_arrival = pos;
+                    self.inner
+                        .counters
+                        .forwarded
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             Arrival::Forward(dest) => {
                 let Ok(pos) = self.next_seq(s) else { return };
                 let me = self.id();
@@ -236,6 +264,7 @@ impl Broker {
                     pos,
                     Dot::new(me, pos),
                     false,
+                    Vec::new(),
                     env.message,
                     now,
                 );
@@ -251,6 +280,18 @@ impl Broker {
 
     /// Puts a message that arrived from the mesh into a local inbox. Call with the lock held.
     fn put_inbox(&self, s: &mut State, batch: &mut Batch, to: &AgentName, m: &federation::Message) {
+        let seen = keys::seen(to, m.dot);
+        let already =
+            s.seen_now.contains(&seen) || self.inner.engine.get(&seen).ok().flatten().is_some();
+        if already {
+            self.inner
+                .counters
+                .duplicates
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        batch.put(seen.clone(), m.sent_at_ms.to_be_bytes().to_vec());
+        s.seen_now.insert(seen);
         let Ok(pos) = self.next_seq(s) else { return };
         let mut m = m.clone();
         m.to = to.clone();
@@ -292,6 +333,7 @@ impl Broker {
                 pos,
                 Dot::new(self.id(), pos),
                 false,
+                Vec::new(),
                 e.message,
                 now,
             );

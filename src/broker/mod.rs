@@ -126,6 +126,8 @@ struct State {
     outbox_dirty: bool,
     /// Every broker this one has linked with, and its address (persisted).
     members: BTreeMap<BrokerId, String>,
+    /// `SEEN` keys written by the arrival batch being built (not in storage yet).
+    seen_now: std::collections::HashSet<Vec<u8>>,
 }
 
 struct Agent {
@@ -293,6 +295,7 @@ impl Broker {
                     last_to,
                     outbox_dirty: false,
                     members,
+                    seen_now: Default::default(),
                 }),
                 commit,
                 started: Instant::now(),
@@ -1109,7 +1112,17 @@ impl Broker {
             broker: owner.to_string(),
         };
         let mut batch = Batch::new();
-        self.enqueue(&mut s, &mut batch, owner, seq, dot, false, message, now);
+        self.enqueue(
+            &mut s,
+            &mut batch,
+            owner,
+            seq,
+            dot,
+            false,
+            Vec::new(),
+            message,
+            now,
+        );
         if let Some(k) = dedup {
             let entry = DedupEntry {
                 id: dot.to_string(),
@@ -1147,6 +1160,7 @@ impl Broker {
         seq: u64,
         tdot: Dot,
         broadcast: bool,
+        recipients: Vec<AgentName>,
         message: Message,
         now: u64,
     ) {
@@ -1159,6 +1173,7 @@ impl Broker {
             dest,
             hops: 0,
             broadcast,
+            recipients,
             message,
             queued_ms: now,
         };
@@ -1191,9 +1206,20 @@ impl Broker {
         // Every other broker of the mesh gets one envelope (one link send per peer), and
         // delivers it to every agent attached there; brokers unreachable now get it when they
         // come back.
-        let (remote_brokers, remote_agents) = match self.mesh() {
+        let (remote_brokers, remote_agents, recipients_at) = match self.mesh() {
             Some(m) => {
                 let agents = m.agents();
+                // Who the registry says is attached where: each broker's envelope names them,
+                // so an agent that moved on meanwhile still gets it, forwarded.
+                let mut recipients_at: BTreeMap<BrokerId, Vec<AgentName>> = BTreeMap::new();
+                for e in agents
+                    .iter()
+                    .filter(|e| e.owner != self.inner.id && e.name != from.as_str())
+                {
+                    if let Ok(n) = AgentName::new(e.name.clone()) {
+                        recipients_at.entry(e.owner).or_default().push(n);
+                    }
+                }
                 let mut brokers: BTreeSet<BrokerId> = m.known_brokers().into_iter().collect();
                 brokers.extend(agents.iter().map(|e| e.owner));
                 // Right after a restart gossip has not caught up yet: the members this broker
@@ -1204,9 +1230,9 @@ impl Broker {
                     .iter()
                     .filter(|e| e.owner != self.inner.id && e.name != from.as_str())
                     .count() as u32;
-                (brokers, n)
+                (brokers, n, recipients_at)
             }
-            None => (BTreeSet::new(), 0),
+            None => (BTreeSet::new(), 0, BTreeMap::new()),
         };
         let message = Message {
             dot,
@@ -1235,6 +1261,7 @@ impl Broker {
         } else {
             let mut batch = Batch::new();
             for dest in remote_brokers {
+                let recipients = recipients_at.get(&dest).cloned().unwrap_or_default();
                 self.enqueue(
                     &mut s,
                     &mut batch,
@@ -1242,6 +1269,7 @@ impl Broker {
                     seq,
                     dot,
                     true,
+                    recipients,
                     message.clone(),
                     now,
                 );

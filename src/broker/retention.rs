@@ -175,6 +175,28 @@ impl Broker {
             }
         }
 
+        // Forget which messages reached which inbox, once older than the retention.
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = engine.scan(&[keys::SEEN], after.as_deref(), 1024)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.0.clone());
+            let mut batch = Batch::new();
+            for (k, v) in &page {
+                let sent = <[u8; 8]>::try_from(&v[..])
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                if sent <= cutoff {
+                    batch.delete(k.clone());
+                }
+            }
+            if !batch.is_empty() {
+                let mut s = self.state();
+                self.apply(&mut s, batch)
+                    .map_err(|e| crate::error::Error::Storage(e.message))?;
+            }
+        }
+
         // Forget send dedup keys older than the retention.
         let mut after: Option<Vec<u8>> = None;
         loop {

@@ -79,7 +79,15 @@ fn human(s: &StatusView) -> String {
             })
             .collect();
         out.push_str(&table::render(
-            &["ID", "ADDR", "STATE", "RTT", "OUTBOX"],
+            &[
+                "ID",
+                "ADDR",
+                "STATE",
+                "RTT",
+                "OUTBOX",
+                "IN FLIGHT",
+                "OLDEST",
+            ],
             &rows,
         ));
     }

@@ -81,6 +81,10 @@ pub mod keys {
     pub const OUTBOX: u8 = b'o';
     /// The last sequence queued per destination: `q` + destination → u64 BE.
     pub const CHAIN: u8 = b'q';
+    /// Messages that reached an inbox from the mesh: `x` + recipient + `\0` + message dot →
+    /// when it was sent. A second copy of one message for one agent (one that followed the
+    /// agent's move while another reached it directly) is recognised and dropped.
+    pub const SEEN: u8 = b'x';
     /// Brokers of the mesh this broker has linked with: `b` + broker id → advertised address.
     /// Kept so a broker that restarts still knows whom a broadcast must reach (and whom to
     /// dial) before gossip has told it anything.
@@ -128,6 +132,13 @@ pub mod keys {
         k.extend_from_slice(sender.as_str().as_bytes());
         k.push(0);
         k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    pub fn seen(agent: &AgentName, dot: federation::Dot) -> Vec<u8> {
+        let mut k = inbox_prefix(SEEN, agent);
+        k.extend_from_slice(&dot.origin.as_u32().to_be_bytes());
+        k.extend_from_slice(&dot.seq.to_be_bytes());
         k
     }
 
