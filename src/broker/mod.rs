@@ -165,6 +165,15 @@ impl From<Result<Reply, WireError>> for Outcome {
     }
 }
 
+/// Where a direct message is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// The recipient's inbox here.
+    Inbox,
+    /// The outbox for the broker the recipient is attached to.
+    Outbox(BrokerId),
+}
+
 /// What a dedup key remembers of the send that first used it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DedupEntry {
@@ -915,7 +924,7 @@ impl Broker {
             Err(e) => return Err(e).into(),
         };
         let now = now_ms();
-        let mut s = self.state();
+        let s = self.state();
         let dedup = dedup_key.map(|k| keys::dedup(&from, &k));
         if let Some(k) = &dedup {
             match self.inner.engine.get(k) {
@@ -951,8 +960,20 @@ impl Broker {
                 let owner = remote
                     .or_else(|| self.held_elsewhere(&to_name, now).map(|e| e.owner))
                     .expect("checked");
-                return self
-                    .send_remote(s, from, to_name, owner, now, content, data, reply_to, dedup);
+                let route = Route::Remote {
+                    to: to_name.to_string(),
+                    broker: owner.to_string(),
+                };
+                return self.store_direct(
+                    s,
+                    from,
+                    to_name,
+                    Place::Outbox(owner),
+                    route,
+                    now,
+                    (content, data, reply_to),
+                    dedup,
+                );
             }
             None if hold || s.unread.contains_key(&to_name) => (
                 to_name.clone(),
@@ -987,57 +1008,16 @@ impl Broker {
                 .into();
             }
         };
-        let inbox_max = self.inner.config.limits.inbox_max as u64;
-        if Self::unread_of(&s, &target) >= inbox_max {
-            return Err(WireError::new(
-                ErrorKind::InboxFull,
-                format!("{target}'s inbox is full ({inbox_max} unread messages); the message was not sent. Wait until {target} reads its messages, then resend"),
-            ))
-            .into();
-        }
-        let seq = match self.next_seq(&mut s) {
-            Ok(q) => q,
-            Err(e) => return Err(e).into(),
-        };
-        let dot = Dot::new(self.inner.id, seq);
-        let message = Message {
-            dot,
-            from: from.clone(),
-            to: target.clone(),
-            sent_at_ms: now,
-            content,
-            data,
-            reply_to,
-            kind: MessageKind::Direct,
-        };
-        let mut batch = Batch::new();
-        inbox::put_unread(&mut batch, &target, seq, inbox::encode_message(&message));
-        if let Some(k) = dedup {
-            let entry = DedupEntry {
-                id: dot.to_string(),
-                route: route.clone(),
-                at_ms: now,
-            };
-            batch.put(k, federation::wire::encode(&entry));
-        }
-        let epoch = match self.apply(&mut s, batch) {
-            Ok(e) => e,
-            Err(e) => return Err(e).into(),
-        };
-        *s.unread.entry(target.clone()).or_default() += 1;
-        s.last_arrival = seq;
-        s.to_wake.push(target);
-        let unread = Self::unread_of(&s, &from);
-        drop(s);
-        self.count_stored(1);
-        Outcome::AfterCommit {
-            epoch,
-            reply: Reply::Sent {
-                id: dot.to_string(),
-                route,
-                unread,
-            },
-        }
+        self.store_direct(
+            s,
+            from,
+            target,
+            Place::Inbox,
+            route,
+            now,
+            (content, data, reply_to),
+            dedup,
+        )
     }
 
     /// `name`, or `name@broker-id` for an agent on a given broker (this one or one the mesh
@@ -1070,27 +1050,38 @@ impl Broker {
         Ok((name, Some(id)))
     }
 
-    /// Queues a direct message for the broker that holds its recipient.
+    /// Stores a direct message: into a local inbox, or into the outbox for the broker that
+    /// holds its recipient. One write, made durable before the reply (group commit).
     #[allow(clippy::too_many_arguments)]
-    fn send_remote(
+    fn store_direct(
         &self,
         mut s: MutexGuard<'_, State>,
         from: AgentName,
         to: AgentName,
-        owner: BrokerId,
+        place: Place,
+        route: Route,
         now: u64,
-        content: String,
-        data: Option<String>,
-        reply_to: Option<Dot>,
+        (content, data, reply_to): (String, Option<String>, Option<Dot>),
         dedup: Option<Vec<u8>>,
     ) -> Outcome {
-        let max = self.inner.config.limits.outbox_max;
-        if s.outbox_total >= max {
-            return Err(WireError::new(
-                ErrorKind::Unavailable,
-                format!("this broker's outbox is full ({max} messages waiting for other brokers); the message was not sent. Retry when the mesh has caught up"),
-            ))
-            .into();
+        let refusal = match place {
+            Place::Inbox => {
+                let max = self.inner.config.limits.inbox_max as u64;
+                (Self::unread_of(&s, &to) >= max).then(|| WireError::new(
+                    ErrorKind::InboxFull,
+                    format!("{to}'s inbox is full ({max} unread messages); the message was not sent. Wait until {to} reads its messages, then resend"),
+                ))
+            }
+            Place::Outbox(_) => {
+                let max = self.inner.config.limits.outbox_max;
+                (s.outbox_total >= max).then(|| WireError::new(
+                    ErrorKind::Unavailable,
+                    format!("this broker's outbox is full ({max} messages waiting for other brokers); the message was not sent. Retry when the mesh has caught up"),
+                ))
+            }
+        };
+        if let Some(e) = refusal {
+            return Err(e).into();
         }
         let seq = match self.next_seq(&mut s) {
             Ok(q) => q,
@@ -1107,22 +1098,23 @@ impl Broker {
             reply_to,
             kind: MessageKind::Direct,
         };
-        let route = Route::Remote {
-            to: to.to_string(),
-            broker: owner.to_string(),
-        };
         let mut batch = Batch::new();
-        self.enqueue(
-            &mut s,
-            &mut batch,
-            owner,
-            seq,
-            dot,
-            false,
-            Vec::new(),
-            message,
-            now,
-        );
+        match place {
+            Place::Inbox => {
+                inbox::put_unread(&mut batch, &to, seq, inbox::encode_message(&message))
+            }
+            Place::Outbox(dest) => self.enqueue(
+                &mut s,
+                &mut batch,
+                dest,
+                seq,
+                dot,
+                false,
+                Vec::new(),
+                message,
+                now,
+            ),
+        }
         if let Some(k) = dedup {
             let entry = DedupEntry {
                 id: dot.to_string(),
@@ -1135,6 +1127,10 @@ impl Broker {
             Ok(e) => e,
             Err(e) => return Err(e).into(),
         };
+        if place == Place::Inbox {
+            *s.unread.entry(to.clone()).or_default() += 1;
+            s.to_wake.push(to);
+        }
         s.last_arrival = seq;
         let unread = Self::unread_of(&s, &from);
         drop(s);

@@ -24,21 +24,7 @@ pub async fn run(ctx: Ctx, a: ListArgs) -> anyhow::Result<ExitCode> {
     } else if agents.is_empty() {
         println!("no agents registered");
     } else {
-        let rows: Vec<Vec<String>> = agents
-            .iter()
-            .map(|a| {
-                vec![
-                    a.name.clone(),
-                    a.broker.clone(),
-                    if a.online { "online" } else { "offline" }.into(),
-                    a.last_seen.clone(),
-                ]
-            })
-            .collect();
-        print!(
-            "{}",
-            table::render(&["NAME", "BROKER", "STATE", "LAST SEEN"], &rows)
-        );
+        print!("{}", table::agents(&agents));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -95,22 +95,7 @@ fn human(s: &StatusView) -> String {
     if s.agents.is_empty() {
         out.push_str("  (none)\n");
     } else {
-        let rows: Vec<Vec<String>> = s
-            .agents
-            .iter()
-            .map(|a| {
-                vec![
-                    a.name.clone(),
-                    a.broker.clone(),
-                    if a.online { "online" } else { "offline" }.into(),
-                    a.last_seen.clone(),
-                ]
-            })
-            .collect();
-        out.push_str(&table::render(
-            &["NAME", "BROKER", "STATE", "LAST SEEN"],
-            &rows,
-        ));
+        out.push_str(&table::agents(&s.agents));
     }
     out.push_str("\ndelivery clock\n");
     for c in &s.clock {

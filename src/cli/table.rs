@@ -29,6 +29,22 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The agents table of `list` and `status`.
+pub fn agents(agents: &[crate::protocol::AgentView]) -> String {
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.broker.clone(),
+                if a.online { "online" } else { "offline" }.into(),
+                a.last_seen.clone(),
+            ]
+        })
+        .collect();
+    render(&["NAME", "BROKER", "STATE", "LAST SEEN"], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
