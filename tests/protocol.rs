@@ -457,3 +457,27 @@ async fn clients_attach_to_the_nearest_broker_and_move_on_when_it_dies() {
     assert_ne!(near_id, moved);
     far.stop().await;
 }
+
+/// Regression (bench drain, and a `wait` that never returned): a reply larger than the
+/// largest *request* a broker accepts used to fail to encode; the writer died silently and the
+/// client waited for ever. Replies have their own limit now, and a broken writer closes the
+/// connection.
+#[tokio::test]
+async fn a_fetch_reply_larger_than_a_request_may_be_is_answered() {
+    let mut config = Config::default();
+    config.limits.max_message_bytes = 4096;
+    let b = InProc::start_with(config).await;
+    let mut bob = agent(&b.addr, "bob").await;
+    let mut alice = agent(&b.addr, "alice").await;
+    let body = "x".repeat(3000);
+    for _ in 0..100 {
+        alice.call(send("bob", &body)).await.unwrap();
+    }
+    // 100 × 3,000 bytes: far over the 4,096 + 64 KiB a request frame may have.
+    let (msgs, _) = tokio::time::timeout(Duration::from_secs(10), bob.fetch(false, 1000))
+        .await
+        .expect("the fetch was answered")
+        .unwrap();
+    assert_eq!(msgs.len(), 100);
+    b.stop().await;
+}

@@ -168,9 +168,7 @@ pub fn now_ms() -> u64 {
 
 /// Turns a framed connection over any stream into one over a boxed stream, keeping whatever
 /// was already read past the hello.
-pub fn rebox<S: crate::transport::PeerStream>(
-    framed: Framed<S, LengthDelimitedCodec>,
-) -> PeerFramed {
+pub fn rebox<S: crate::transport::PeerStream, C>(framed: Framed<S, C>) -> PeerFramed {
     let parts = framed.into_parts();
     let mut p = FramedParts::new::<Bytes>(Box::new(parts.io) as BoxStream, peer_codec());
     p.read_buf = parts.read_buf;

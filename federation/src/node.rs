@@ -31,6 +31,9 @@ use crate::proto::{Member, PeerMsg};
 use crate::registry::{AgentEntry, Registry, Superseded};
 use crate::BrokerId;
 
+/// About how many bytes of messages one `Deliver` frame carries.
+pub const FRAME_BUDGET: usize = 4 * 1024 * 1024;
+
 /// A connection, numbered by the driver.
 pub type ConnId = u64;
 
@@ -711,11 +714,23 @@ impl Node {
                 entries.truncate(i);
             }
         }
+        // One frame carries at most about FRAME_BUDGET bytes of messages (always at least one
+        // envelope), well under the peer frame limit; the rest goes in the next frame.
+        let mut bytes = 0usize;
+        let mut truncated = false;
+        if let Some(cut) = entries.iter().position(|(_, e)| {
+            bytes += e.message.content.len() + e.message.data.as_ref().map_or(0, |d| d.len()) + 256;
+            bytes > FRAME_BUDGET
+        }) {
+            entries.truncate(cut.max(1));
+            truncated = true;
+        }
         if entries.is_empty() {
             return;
         }
         let last = entries.last().map(|(p, _)| *p).expect("non-empty");
-        let full = entries.len() >= self.cfg.timing.window.saturating_sub(of.in_flight.len());
+        let full =
+            truncated || entries.len() >= self.cfg.timing.window.saturating_sub(of.in_flight.len());
         if of.in_flight.is_empty() {
             of.progress_at = now;
         }

@@ -109,21 +109,26 @@ pub(super) async fn run(
 
     let (mut sink, mut frames) = framed.split();
     let (tx, mut rx) = mpsc::channel::<Response>(REPLY_QUEUE);
+    // Cancelled when replies can no longer be written: the connection is then closed, so the
+    // client sees it end instead of waiting for answers that cannot come.
+    let broken = CancellationToken::new();
+    let writer_broken = broken.clone();
     let writer = tokio::spawn(async move {
-        while let Some(resp) = rx.recv().await {
-            if sink.feed(Bytes::from(wire::encode(&resp))).await.is_err() {
-                return;
-            }
-            while let Ok(resp) = rx.try_recv() {
-                if sink.feed(Bytes::from(wire::encode(&resp))).await.is_err() {
-                    return;
+        let result: std::io::Result<()> = async {
+            while let Some(resp) = rx.recv().await {
+                sink.feed(Bytes::from(wire::encode(&resp))).await?;
+                while let Ok(resp) = rx.try_recv() {
+                    sink.feed(Bytes::from(wire::encode(&resp))).await?;
                 }
+                sink.flush().await?;
             }
-            if sink.flush().await.is_err() {
-                return;
-            }
+            sink.close().await
         }
-        let _ = sink.close().await;
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%peer, error = %e, "cannot write to a client; closing its connection");
+            writer_broken.cancel();
+        }
     });
 
     let mut ctx = SessionCtx {
@@ -137,6 +142,7 @@ pub(super) async fn run(
         let frame = tokio::select! {
             f = frames.next() => f,
             _ = stop.cancelled() => break,
+            _ = broken.cancelled() => break,
         };
         let frame = match frame {
             Some(Ok(f)) => f,
