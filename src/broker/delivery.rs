@@ -231,51 +231,50 @@ impl Broker {
                 for agent in deliver {
                     self.put_inbox(s, batch, &agent, &env.message);
                 }
-                let me = self.id();
                 for (agent, dest) in forward {
-                    let Ok(pos) = self.next_seq(s) else { return };
                     let mut m = env.message.clone();
                     m.to = agent;
-                    self.enqueue(
-                        s,
-                        batch,
-                        dest,
-                        pos,
-                        Dot::new(me, pos),
-                        false,
-                        Vec::new(),
-                        m,
-                        now,
-                    );
-                    s.last_arrival = pos;
-                    self.inner
-                        .counters
-                        .forwarded
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.forward_message(s, batch, dest, m, now);
                 }
             }
             Arrival::Forward(dest) => {
-                let Ok(pos) = self.next_seq(s) else { return };
-                let me = self.id();
-                self.enqueue(
-                    s,
-                    batch,
-                    dest,
-                    pos,
-                    Dot::new(me, pos),
-                    false,
-                    Vec::new(),
-                    env.message,
-                    now,
-                );
-                s.last_arrival = pos;
-                self.inner
-                    .counters
-                    .forwarded
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.forward_message(s, batch, dest, env.message, now);
             }
             Arrival::Duplicate | Arrival::Relay => {}
         }
+    }
+
+    /// Queues `message` for broker `dest` (where its recipient lives now), from this broker's
+    /// own chain. Call with the lock held; false (nothing queued) if no sequence could be had.
+    fn forward_message(
+        &self,
+        s: &mut State,
+        batch: &mut Batch,
+        dest: BrokerId,
+        message: federation::Message,
+        now: u64,
+    ) -> bool {
+        let Ok(pos) = self.next_seq(s) else {
+            return false;
+        };
+        let me = self.id();
+        self.enqueue(
+            s,
+            batch,
+            dest,
+            pos,
+            Dot::new(me, pos),
+            false,
+            Vec::new(),
+            message,
+            now,
+        );
+        s.last_arrival = pos;
+        self.inner
+            .counters
+            .forwarded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
     }
 
     /// Puts a message that arrived from the mesh into a local inbox. Call with the lock held.
@@ -324,24 +323,20 @@ impl Broker {
         let mut batch = Batch::new();
         let mut n = 0;
         for e in entries {
-            let Ok(pos) = self.next_seq(s) else { break };
+            // The inbox entry goes only if its copy is queued, in the same batch.
+            if !self.forward_message(s, &mut batch, dest, e.message, now) {
+                break;
+            }
             batch.delete(keys::inbox(keys::UNREAD, name, e.arrival));
-            self.enqueue(
-                s,
-                &mut batch,
-                dest,
-                pos,
-                Dot::new(self.id(), pos),
-                false,
-                Vec::new(),
-                e.message,
-                now,
-            );
-            s.last_arrival = pos;
             n += 1;
         }
         if self.apply(s, batch).is_ok() {
-            s.unread.remove(name);
+            if let Some(u) = s.unread.get_mut(name) {
+                *u = u.saturating_sub(n);
+                if *u == 0 {
+                    s.unread.remove(name);
+                }
+            }
             tracing::info!(agent = %name, to = %dest, messages = n, "forwarded unread messages to the agent's new broker");
             n
         } else {
