@@ -30,6 +30,12 @@ pub mod defaults {
     pub const WAIT_MAX: Duration = Duration::from_secs(50);
     pub const SIBLING_PORTS: (u16, u16) = (9876, 9885);
     pub const OUTBOX_MAX: u64 = 1_000_000;
+    /// Links between two loopback addresses stay plaintext under `encrypt = "auto"`.
+    pub const PLAIN_LOOPBACK: bool = true;
+    /// Inbound limits per peer link (0 = off): bytes and frames a peer may make us read
+    /// per second.
+    pub const PEER_BYTES_PER_SEC: u64 = 0;
+    pub const PEER_FRAMES_PER_SEC: u64 = 0;
 }
 
 /// The whole configuration, validated.
@@ -53,6 +59,9 @@ pub struct MeshConfig {
     pub peers: Vec<String>,
     pub sibling_ports: (u16, u16),
     pub secret_file: Option<PathBuf>,
+    /// When peer links are encrypted (with a key derived from the secret).
+    pub encrypt: federation::link::Encrypt,
+    pub plain_loopback: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +76,10 @@ pub struct Limits {
     pub rename_forward: Duration,
     /// Envelopes waiting for other brokers, at most; beyond it sends are refused.
     pub outbox_max: u64,
+    /// Bytes per second one peer link may make this broker read; 0 turns the limit off.
+    pub peer_bytes_per_sec: u64,
+    /// Frames per second one peer link may make this broker read; 0 turns the limit off.
+    pub peer_frames_per_sec: u64,
 }
 
 impl Default for Config {
@@ -81,6 +94,8 @@ impl Default for Config {
                 peers: Vec::new(),
                 sibling_ports: defaults::SIBLING_PORTS,
                 secret_file: None,
+                encrypt: federation::link::Encrypt::Auto,
+                plain_loopback: defaults::PLAIN_LOOPBACK,
             },
             limits: Limits::default(),
         }
@@ -97,6 +112,8 @@ impl Default for Limits {
             rate_burst: defaults::RATE_BURST,
             rename_forward: defaults::RENAME_FORWARD,
             outbox_max: defaults::OUTBOX_MAX,
+            peer_bytes_per_sec: defaults::PEER_BYTES_PER_SEC,
+            peer_frames_per_sec: defaults::PEER_FRAMES_PER_SEC,
         }
     }
 }
@@ -127,6 +144,8 @@ struct RawMesh {
     peers: Option<Vec<String>>,
     sibling_ports: Option<String>,
     secret_file: Option<PathBuf>,
+    encrypt: Option<String>,
+    plain_loopback: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -139,6 +158,8 @@ struct RawLimits {
     rate_burst: Option<u32>,
     rename_forward: Option<String>,
     outbox_max: Option<u64>,
+    peer_bytes_per_sec: Option<u64>,
+    peer_frames_per_sec: Option<u64>,
 }
 
 impl Config {
@@ -175,6 +196,14 @@ impl Config {
             c.mesh.sibling_ports = parse_port_range("[mesh] sibling_ports", &range)?;
         }
         c.mesh.secret_file = raw.mesh.secret_file;
+        if let Some(e) = raw.mesh.encrypt {
+            c.mesh.encrypt = federation::link::Encrypt::parse(&e).ok_or_else(|| {
+                format!("[mesh] encrypt = {e:?}: expected \"auto\", \"always\" or \"never\"")
+            })?;
+        }
+        if let Some(b) = raw.mesh.plain_loopback {
+            c.mesh.plain_loopback = b;
+        }
 
         let l = raw.limits;
         if let Some(n) = l.max_message_bytes {
@@ -196,6 +225,12 @@ impl Config {
         }
         if let Some(n) = l.rate_burst {
             c.limits.rate_burst = n;
+        }
+        if let Some(n) = l.peer_bytes_per_sec {
+            c.limits.peer_bytes_per_sec = n;
+        }
+        if let Some(n) = l.peer_frames_per_sec {
+            c.limits.peer_frames_per_sec = n;
         }
         if let Some(n) = l.outbox_max {
             c.limits.outbox_max = positive("[limits] outbox_max", n as usize)? as u64;
@@ -240,9 +275,27 @@ pub fn load_secret(mesh: &MeshConfig) -> Result<Option<federation::auth::Secret>
             }
         },
     };
-    federation::auth::Secret::new(bytes)
-        .map(Some)
-        .map_err(|e| Error::Config(e.to_string()))
+    parse_secrets(&bytes).map(Some)
+}
+
+/// One peer secret per non-empty line (surrounding whitespace trimmed), the current one
+/// first; the others are still accepted from peers while a rotation is under way (see
+/// docs/security.md). The bytes read are wiped once parsed.
+fn parse_secrets(text: &[u8]) -> Result<federation::auth::Secret> {
+    let text = zeroize::Zeroizing::new(text.to_vec());
+    let bad = |e: federation::Error| Error::Config(format!("mesh secret: {e}"));
+    let mut lines = text
+        .split(|b| *b == b'\n')
+        .map(|l| l.trim_ascii())
+        .filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .ok_or_else(|| Error::Config("the mesh secret is empty".into()))?;
+    let mut secret = federation::auth::Secret::new(first.to_vec()).map_err(bad)?;
+    for previous in lines {
+        secret = secret.with_previous(previous.to_vec()).map_err(bad)?;
+    }
+    Ok(secret)
 }
 
 /// Parses a humantime duration such as `30s` or `7d`.
@@ -340,6 +393,39 @@ mod tests {
         assert!(e.contains("inbox_max"), "{e}");
         let e = Config::parse("[mesh]\nsibling_ports = \"9885-9876\"").unwrap_err();
         assert!(e.contains("sibling_ports"), "{e}");
+    }
+
+    #[test]
+    fn link_keys_parse() {
+        let c = Config::parse(
+            "[mesh]\nencrypt = \"always\"\nplain_loopback = false\n\
+             [limits]\npeer_bytes_per_sec = 1000\npeer_frames_per_sec = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.mesh.encrypt, federation::link::Encrypt::Always);
+        assert!(!c.mesh.plain_loopback);
+        assert_eq!(c.limits.peer_bytes_per_sec, 1000);
+        assert_eq!(c.limits.peer_frames_per_sec, 10);
+        let d = Config::parse("").unwrap();
+        assert_eq!(d.mesh.encrypt, federation::link::Encrypt::Auto);
+        assert!(d.mesh.plain_loopback);
+        let e = Config::parse("[mesh]\nencrypt = \"yes\"").unwrap_err();
+        assert!(e.contains("encrypt") && e.contains("yes"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_file_may_hold_the_previous_secret() {
+        let s = parse_secrets(b"  the new secret, long enough\nthe old secret, long enough\n\n")
+            .unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            parse_secrets(b"one secret only, long enough\n")
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(parse_secrets(b"long enough secret here\nshort\n").is_err());
+        assert!(parse_secrets(b"\n \n").is_err());
     }
 
     #[test]

@@ -106,6 +106,14 @@ pub enum Event {
         conn: ConnId,
         remote: String,
     },
+    /// The link layer refused a link before the peer protocol began (an encrypted handshake
+    /// that failed, a plaintext hello where encryption is required). `dialed`: we dialed
+    /// `addr`, which then counts as a failed dial; otherwise `addr` is the remote socket.
+    LinkRefused {
+        addr: String,
+        reason: String,
+        dialed: bool,
+    },
     Received {
         conn: ConnId,
         msg: PeerMsg,
@@ -459,6 +467,11 @@ impl Node {
         out
     }
 
+    /// The connection of the link to `id`, while it is up.
+    pub fn link_of(&self, id: BrokerId) -> Option<ConnId> {
+        self.peers.get(&id).and_then(|p| p.link)
+    }
+
     /// Every broker this node has heard of (linked or not).
     pub fn known_brokers(&self) -> Vec<BrokerId> {
         self.peers.keys().copied().collect()
@@ -563,6 +576,20 @@ impl Node {
                 self.send(conn, hello);
             }
             Event::DialFailed { addr, error: _ } => self.dial_failed(now, &addr),
+            Event::LinkRefused {
+                addr,
+                reason,
+                dialed,
+            } => {
+                if dialed {
+                    self.note_refusal(&addr, None, &reason);
+                    self.dial_failed(now, &addr);
+                } else {
+                    // Not an address to dial: only counted and reported.
+                    self.stats.refusals += 1;
+                    self.out.push(Action::Refused { addr, reason });
+                }
+            }
             Event::Accepted { conn, remote } => {
                 self.links.insert(
                     conn,

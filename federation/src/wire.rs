@@ -7,7 +7,6 @@
 //! +------+------+------+------+---------+---------+------+
 //! | 'I'  | 'P'  | 'C'  | 'M'  | version (u16 BE)  | role |
 //! +------+------+------+------+---------+---------+------+
-//! ```
 //!
 //! Every later frame body is MessagePack (named fields, so old and new versions can skip what
 //! they do not know). Frames longer than the receiver's limit are refused from the length
@@ -25,6 +24,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 
 /// Length of an encoded hello.
 pub const HELLO_LEN: usize = 7;
+
+/// The role byte's flag for "an encrypted peer link follows".
+const ENCRYPTED: u8 = 0x80;
 
 /// Who is dialling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +59,8 @@ impl Role {
 pub struct Hello {
     pub version: u16,
     pub role: Role,
+    /// A peer dialer asks for an encrypted link (a Noise handshake follows the hello).
+    pub encrypted: bool,
 }
 
 impl Hello {
@@ -64,6 +68,15 @@ impl Hello {
         Hello {
             version: PROTOCOL_VERSION,
             role,
+            encrypted: false,
+        }
+    }
+
+    /// The hello of a peer dialer that asks for an encrypted link.
+    pub fn encrypted_peer() -> Self {
+        Hello {
+            encrypted: true,
+            ..Hello::new(Role::Peer)
         }
     }
 
@@ -76,7 +89,7 @@ impl Hello {
             MAGIC[3],
             v[0],
             v[1],
-            self.role.to_byte(),
+            self.role.to_byte() | if self.encrypted { ENCRYPTED } else { 0 },
         ]
     }
 
@@ -102,9 +115,20 @@ impl Hello {
                  {PROTOCOL_VERSION}"
             )));
         }
-        let role = Role::from_byte(frame[6])
+        let encrypted = frame[6] & ENCRYPTED != 0;
+        let role = Role::from_byte(frame[6] & !ENCRYPTED)
             .ok_or_else(|| Error::Protocol(format!("unknown role {} in hello", frame[6])))?;
-        Ok(Hello { version, role })
+        if encrypted && role != Role::Peer {
+            return Err(Error::Protocol(
+                "the encrypted-link flag is for peer brokers only; clients connect in plaintext"
+                    .into(),
+            ));
+        }
+        Ok(Hello {
+            version,
+            role,
+            encrypted,
+        })
     }
 }
 
@@ -130,6 +154,12 @@ mod tests {
             let h = Hello::new(role);
             assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         }
+        let h = Hello::encrypted_peer();
+        assert_eq!(h.encode()[6], 0x82);
+        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        let mut client_flagged = Hello::new(Role::Client).encode();
+        client_flagged[6] |= 0x80;
+        assert!(Hello::decode(&client_flagged).is_err());
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub(super) async fn run(
         // Another broker: the mesh node takes the link from here (its own handshake).
         match broker.mesh_handle() {
             Some(mesh) => {
-                mesh.accept(federation::driver::rebox(framed), peer.to_string())
+                mesh.accept_hello(federation::driver::rebox(framed), peer.to_string(), hello)
                     .await
             }
             None => {
