@@ -661,6 +661,7 @@ fn describe(ev: &Event) -> String {
         Event::Accepted { conn, remote } => format!("#{conn} accepted from {remote}"),
         Event::Closed { conn } => format!("#{conn} closed"),
         Event::DialFailed { addr, .. } => format!("dial {addr} failed"),
+        Event::LinkRefused { addr, reason, .. } => format!("link {addr} refused: {reason}"),
         Event::AgentChanged { name, .. } => format!("agent {name} changed"),
         Event::AgentRemoved { name } => format!("agent {name} removed"),
         Event::Outbox { depths } => format!("outbox depths {depths:?}"),

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use federation::driver::{self, Handle, Notice};
+use federation::link::{Encrypt, InboundLimit, LinkConfig};
 use federation::node::{Node, NodeConfig, Timing};
 use federation::transport::TcpDialer;
 use tokio::sync::mpsc;
@@ -24,6 +25,12 @@ pub fn check_exposure(config: &Config, listen: SocketAddr) -> Result<()> {
         return Err(Error::Config(format!(
             "refusing to listen on {listen}: beyond loopback a mesh secret is required \
              (set [mesh] secret_file in mesh.toml, or IPC_MESH_SECRET)"
+        )));
+    }
+    if !listen.ip().is_loopback() && config.mesh.encrypt == Encrypt::Never {
+        return Err(Error::Config(format!(
+            "refusing to listen on {listen} with [mesh] encrypt = \"never\": peer links \
+             beyond loopback must be encrypted (use \"auto\", the default)"
         )));
     }
     Ok(())
@@ -55,6 +62,16 @@ pub fn start(
     tasks: &BrokerTasks,
 ) -> Result<Handle> {
     let secret = config::load_secret(&config.mesh)?;
+    let links = LinkConfig {
+        encrypt: config.mesh.encrypt,
+        plain_loopback: config.mesh.plain_loopback,
+        secret: secret.clone(),
+        limit: InboundLimit {
+            bytes_per_sec: config.limits.peer_bytes_per_sec,
+            frames_per_sec: config.limits.peer_frames_per_sec,
+        },
+        ..LinkConfig::plain()
+    };
     let advertise = config
         .broker
         .advertise
@@ -82,7 +99,7 @@ pub fn start(
         started_ms: driver::now_ms(),
     });
     let (tx, mut rx) = mpsc::channel::<Notice>(1024);
-    let handle = driver::spawn(
+    let handle = driver::spawn_with(
         node,
         Arc::new(TcpDialer {
             bind: (!listen.ip().is_unspecified()).then_some(listen.ip()),
@@ -92,6 +109,7 @@ pub fn start(
         tx,
         tasks.cancel.clone(),
         &tasks.tracker,
+        links,
     );
     broker.attach_mesh(handle.clone());
     let b = broker.clone();
