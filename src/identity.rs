@@ -52,6 +52,10 @@ pub struct AgentRecord {
     /// Set when this name was renamed: messages to it go to `forward_to` until `forward_until_ms`.
     pub forward_to: Option<String>,
     pub forward_until_ms: u64,
+    /// For an agent that moved here from another broker: that attachment, whose messages are
+    /// delivered before this one's (see `federation::fence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<federation::fence::Fence>,
 }
 
 impl AgentRecord {
@@ -92,6 +96,7 @@ mod tests {
             last_seen_ms: 0,
             forward_to: None,
             forward_until_ms: 0,
+            after: None,
         };
         assert!(rec.token_matches(&token));
         assert!(!rec.token_matches(&new_token()));

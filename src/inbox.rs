@@ -52,6 +52,41 @@ pub fn unread(
     scan(engine, keys::UNREAD, agent, visible, limit, byte_budget)
 }
 
+/// The unread entries of `agent` (arrival ≤ `visible`) whose message is one of `wanted`,
+/// oldest first. Stops reading as soon as every wanted one is found: an acknowledgement names
+/// what a fetch just returned, which is the oldest unread, so this reads about a page.
+pub fn find_unread(
+    engine: &dyn Engine,
+    agent: &AgentName,
+    visible: u64,
+    wanted: &std::collections::HashSet<federation::Dot>,
+) -> Result<Vec<Entry>> {
+    let prefix = keys::inbox_prefix(keys::UNREAD, agent);
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    'pages: while out.len() < wanted.len() {
+        let page = engine.scan(&prefix, after.as_deref(), 256)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (k, v) in &page {
+            let Some((_, arrival)) = keys::parse_inbox(k) else {
+                return Err(Error::Storage("corrupt inbox key".into()));
+            };
+            if arrival > visible {
+                break 'pages;
+            }
+            let entry = decode_entry(keys::UNREAD, arrival, v)?;
+            if wanted.contains(&entry.message.dot) {
+                out.push(entry);
+                if out.len() == wanted.len() {
+                    break 'pages;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Read entries of `agent`, oldest first.
 pub fn read(
     engine: &dyn Engine,
@@ -75,7 +110,7 @@ fn scan(
     let mut bytes = 0usize;
     let mut after: Option<Vec<u8>> = None;
     'pages: loop {
-        let page = engine.scan(&prefix, after.as_deref(), 256)?;
+        let page = engine.scan(&prefix, after.as_deref(), page_size)?;
         if page.is_empty() {
             break;
         }
@@ -152,6 +187,7 @@ mod tests {
             data: None,
             reply_to: None,
             kind: MessageKind::Direct,
+            after: None,
         }
     }
 

@@ -280,4 +280,16 @@ pub struct Counters {
     pub relayed: u64,
     /// Messages sent on to the broker their recipient moved to.
     pub forwarded: u64,
+    /// Messages from a moved sender waiting (stored) for its old broker's earlier messages.
+    #[serde(default)]
+    pub messages_fenced: u64,
+    /// Fences given up: a moved sender's old broker never confirmed its earlier messages.
+    #[serde(default)]
+    pub fences_given_up: u64,
+    /// Connections refused at the connection limit.
+    #[serde(default)]
+    pub connections_refused: u64,
+    /// Clients that failed to authenticate (wrong proof, or none in time).
+    #[serde(default)]
+    pub auth_failures: u64,
 }

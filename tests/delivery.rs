@@ -474,3 +474,99 @@ async fn a_backlog_for_a_dead_broker_drains_after_it_restarts() {
     }
     assert_eq!(got, N);
 }
+
+/// Reads `name`'s messages at `addr` until `want` arrived (or 60 s), in arrival order.
+async fn read_n(addr: &str, home: &std::path::Path, name: &str, want: usize) -> Vec<String> {
+    let mut c = agent(addr, home, name).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = Vec::new();
+    while got.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {want} arrived: {got:?}",
+            got.len()
+        );
+        let (msgs, _) = c
+            .check(Some(Duration::from_millis(500)), 1000)
+            .await
+            .unwrap();
+        got.extend(msgs.into_iter().map(|m| m.content));
+    }
+    got
+}
+
+/// The scenario the chaos suite found: alice sends from broker A while A is cut off, moves to
+/// broker B and goes on sending. B's messages must not overtake A's: bob (on C) sees none of
+/// them until A is back and has delivered its own, then all of them in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_moves_while_its_old_broker_is_cut_off_stays_in_order() {
+    let (ha, hb, hc) = (temp_home(), temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let c_addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
+    // Every peer link runs through the proxy of the broker dialled.
+    let pa = Proxy::start("127.0.0.5", &a_addr);
+    let pb = Proxy::start("127.0.0.5", &b_addr);
+    let pc = Proxy::start("127.0.0.5", &c_addr);
+    let _a = broker(ha.path(), &a_addr, Some(&pa.addr), &[]);
+    let _b = broker(hb.path(), &b_addr, Some(&pb.addr), &[&pa.addr]);
+    let _c = broker(hc.path(), &c_addr, Some(&pc.addr), &[&pa.addr]);
+    drop(agent(&c_addr, hc.path(), "bob").await);
+    // alice keeps her token in A's home, and takes it along when she moves.
+    drop(agent(&a_addr, ha.path(), "alice").await);
+    until_listed(ha.path(), &a_addr, "bob");
+    until_listed(hb.path(), &b_addr, "alice");
+
+    // A is cut off from both: what alice sends there waits in A's outbox.
+    pa.cut();
+    pb.block_from("127.0.0.2");
+    pc.block_from("127.0.0.2");
+    let mut alice = agent(&a_addr, ha.path(), "alice").await;
+    for i in 0..50 {
+        alice
+            .send(Outgoing {
+                to: "bob".into(),
+                content: format!("{i:03}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    drop(alice);
+    // alice moves to B and goes on.
+    let mut alice = agent(&b_addr, ha.path(), "alice").await;
+    for i in 50..100 {
+        alice
+            .send(Outgoing {
+                to: "bob".into(),
+                content: format!("{i:03}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(15), "C holds B's 50", || {
+        status_json(hc.path(), &c_addr)["counters"]["messages_fenced"] == 50
+    });
+    let mut bob = agent(&c_addr, hc.path(), "bob").await;
+    let (early, _) = bob
+        .check(Some(Duration::from_millis(500)), 1000)
+        .await
+        .unwrap();
+    assert!(
+        early.is_empty(),
+        "alice's messages from B overtook those still at A: {:?}",
+        early.iter().map(|m| &m.content).collect::<Vec<_>>()
+    );
+    drop(bob);
+
+    pa.heal();
+    pb.heal();
+    pc.heal();
+    let got = read_n(&c_addr, hc.path(), "bob", 100).await;
+    let want: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
+    assert_eq!(got, want, "every message once, in the order sent");
+    let s = status_json(hc.path(), &c_addr);
+    assert_eq!(s["counters"]["messages_fenced"], 0);
+    assert_eq!(s["counters"]["fences_given_up"], 0);
+}

@@ -46,6 +46,11 @@ pub struct Envelope {
     pub message: Message,
     /// When it was queued (ms since the epoch), for expiry.
     pub queued_ms: u64,
+    /// Not a message but a closing: `message.from` has left this attachment of the origin
+    /// broker, and everything it sent from there came before this on the chain (see
+    /// [`crate::fence`]). `message` carries only the sender and its own fence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closes: Option<crate::fence::Fence>,
 }
 
 /// What a receiver does with an envelope.

@@ -7,7 +7,9 @@
 //!    gossip ([`registry`], over the messages of [`proto`]).
 //! 3. [`sim`]: a deterministic, seeded network of nodes in memory that can cut, delay, reorder
 //!    and drop, so mesh scenarios run in milliseconds.
-//! 4. [`transport`] and [`driver`]: the thin tokio layer that runs a node over real TCP (or the
+//! 4. [`delivery`] and [`fence`]: what crosses between brokers for each message, and how
+//!    order per sender holds across crashes, path changes and the sender's own moves.
+//! 5. [`transport`] and [`driver`]: the thin tokio layer that runs a node over real TCP (or the
 //!    in-memory transport), used by the broker.
 
 pub mod auth;
@@ -15,6 +17,7 @@ pub mod clock;
 pub mod delivery;
 pub mod driver;
 pub mod error;
+pub mod fence;
 pub mod id;
 pub mod link;
 pub mod message;

@@ -18,6 +18,11 @@ pub struct Message {
     pub reply_to: Option<Dot>,
     /// What kind of message this is, so a reader can tell a notice from a person's words.
     pub kind: MessageKind,
+    /// Where the sender was attached before it moved to the broker that accepted this: what
+    /// it sent there is delivered first (see [`crate::fence`]). `None` for a sender that
+    /// never moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<crate::fence::Fence>,
 }
 
 /// Messages agents send, and notices the mesh itself sends.

@@ -768,6 +768,7 @@ impl MemStore {
                 recipients: Vec::new(),
                 message: m,
                 queued_ms: 0,
+                closes: None,
             };
             Self::queue(&mut g, self.me, to, env, true);
         }
@@ -807,6 +808,7 @@ impl MemStore {
             } else {
                 MessageKind::Direct
             },
+            after: None,
         };
         let dests = if broadcast {
             let locals: Vec<AgentName> = g.agents.iter().filter(|a| **a != from).cloned().collect();
@@ -839,6 +841,7 @@ impl MemStore {
                 recipients,
                 message: message.clone(),
                 queued_ms: now,
+                closes: None,
             };
             g.outbox.insert((dest, dot.seq), env);
         }

@@ -233,6 +233,7 @@ fn a_retransmission_of_a_very_old_dot_is_recognised() {
         recipients: Vec::new(),
         message: old,
         queued_ms: 0,
+        closes: None,
     };
     let before = sim.stores[1].duplicates();
     sim.stores[1].accept(vec![replay]);

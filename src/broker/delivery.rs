@@ -204,6 +204,12 @@ impl Broker {
         env: Envelope,
         now: u64,
     ) {
+        if let Some(fence) = env.closes {
+            // Not a message: its sender has left that attachment of the origin broker.
+            let from = env.message.from.clone();
+            self.close_fence(s, batch, &from, fence, env.message.after);
+            return;
+        }
         let arrival = {
             let st: &State = s;
             route(
@@ -268,6 +274,7 @@ impl Broker {
             Vec::new(),
             message,
             now,
+            None,
         );
         s.last_arrival = pos;
         self.inner
@@ -277,8 +284,22 @@ impl Broker {
         true
     }
 
-    /// Puts a message that arrived from the mesh into a local inbox. Call with the lock held.
+    /// Puts a message that arrived from the mesh into a local inbox, unless it must wait for
+    /// its moved sender's old broker (see [`super::fence`]). Call with the lock held.
     fn put_inbox(&self, s: &mut State, batch: &mut Batch, to: &AgentName, m: &federation::Message) {
+        if !self.fence_holds(s, batch, to, m) {
+            self.put_inbox_now(s, batch, to, m);
+        }
+    }
+
+    /// Puts a message into a local inbox now, once per agent. Call with the lock held.
+    pub(super) fn put_inbox_now(
+        &self,
+        s: &mut State,
+        batch: &mut Batch,
+        to: &AgentName,
+        m: &federation::Message,
+    ) {
         let seen = keys::seen(to, m.dot);
         let already =
             s.seen_now.contains(&seen) || self.inner.engine.get(&seen).ok().flatten().is_some();

@@ -125,7 +125,10 @@ pub fn start(
                     Some(_) => {}
                     None => return,
                 },
-                _ = every.tick() => b.forward_held(),
+                _ = every.tick() => {
+                    b.forward_held();
+                    b.give_up_overdue_fences();
+                }
                 _ = cancel.cancelled() => return,
             }
         }

@@ -18,6 +18,7 @@
 
 pub mod commit;
 mod delivery;
+mod fence;
 pub mod mesh;
 mod rate;
 pub mod retention;
@@ -95,6 +96,10 @@ struct CounterCells {
     duplicates: AtomicU64,
     relayed: AtomicU64,
     forwarded: AtomicU64,
+    /// Fences given up: an agent's old broker never confirmed its earlier messages.
+    fences_given_up: AtomicU64,
+    connections_refused: AtomicU64,
+    auth_failures: AtomicU64,
 }
 
 struct State {
@@ -126,6 +131,8 @@ struct State {
     outbox_dirty: bool,
     /// Every broker this one has linked with, and its address (persisted).
     members: BTreeMap<BrokerId, String>,
+    /// Closed fences, and messages waiting for a moved sender's old broker ([`fence`]).
+    fences: federation::fence::Fences,
     /// `SEEN` keys written by the arrival batch being built (not in storage yet).
     seen_now: std::collections::HashSet<Vec<u8>>,
 }
@@ -272,6 +279,7 @@ impl Broker {
 
         let clock = outbox::load_clock(&*engine)?;
         let members = outbox::load_members(&*engine)?;
+        let fences = fence::load(&*engine)?;
         let (outbox_depth, last_to) = outbox::load_depths(&*engine)?;
         let outbox_total = outbox_depth.values().sum();
         let (commit, wake, durable_tx) = Commit::new(Durable {
@@ -304,6 +312,7 @@ impl Broker {
                     last_to,
                     outbox_dirty: false,
                     members,
+                    fences,
                     seen_now: Default::default(),
                 }),
                 commit,
@@ -444,6 +453,12 @@ impl Broker {
         tracing::info!(agent = %name, winner = %s.winner.owner, moved = s.moved, "name now held elsewhere");
         let mut b = Batch::new();
         b.delete(keys::agent(&name));
+        if s.moved {
+            // What it sent from here goes before what it sends from there: close its fence,
+            // behind everything queued so far.
+            let (incarnation, after) = (a.record.incarnation, a.record.after);
+            self.emit_fences(&mut st, &mut b, &name, incarnation, after);
+        }
         if self.apply(&mut st, b).is_ok() {
             st.agents.remove(&name);
             if s.moved {
@@ -788,6 +803,11 @@ impl Broker {
                         last_seen_ms: now,
                         forward_to: None,
                         forward_until_ms: 0,
+                        // What it sent at its old broker comes first, wherever it is read.
+                        after: Some(federation::fence::Fence {
+                            broker: held.owner,
+                            incarnation: held.incarnation,
+                        }),
                     };
                     (r, token.clone().expect("a move needs the token"), false)
                 } else {
@@ -823,6 +843,7 @@ impl Broker {
                         last_seen_ms: now,
                         forward_to: None,
                         forward_until_ms: 0,
+                        after: None,
                     };
                     (r, t, true)
                 }
@@ -1097,11 +1118,17 @@ impl Broker {
             data,
             reply_to,
             kind: MessageKind::Direct,
+            after: s.agents.get(&from).and_then(|a| a.record.after),
         };
         let mut batch = Batch::new();
+        // A moved sender's message may have to wait for what it sent at its old broker.
+        let mut held = false;
         match place {
             Place::Inbox => {
-                inbox::put_unread(&mut batch, &to, seq, inbox::encode_message(&message))
+                held = self.fence_holds(&mut s, &mut batch, &to, &message);
+                if !held {
+                    inbox::put_unread(&mut batch, &to, seq, inbox::encode_message(&message))
+                }
             }
             Place::Outbox(dest) => self.enqueue(
                 &mut s,
@@ -1113,6 +1140,7 @@ impl Broker {
                 Vec::new(),
                 message,
                 now,
+                None,
             ),
         }
         if let Some(k) = dedup {
@@ -1127,7 +1155,7 @@ impl Broker {
             Ok(e) => e,
             Err(e) => return Err(e).into(),
         };
-        if place == Place::Inbox {
+        if place == Place::Inbox && !held {
             *s.unread.entry(to.clone()).or_default() += 1;
             s.to_wake.push(to);
         }
@@ -1159,6 +1187,7 @@ impl Broker {
         recipients: Vec<AgentName>,
         message: Message,
         now: u64,
+        closes: Option<federation::fence::Fence>,
     ) {
         let prev = s.last_to.get(&dest).copied().unwrap_or(0);
         s.last_to.insert(dest, tdot.seq);
@@ -1172,6 +1201,7 @@ impl Broker {
             recipients,
             message,
             queued_ms: now,
+            closes,
         };
         batch.put(outbox::key(dest, seq), federation::wire::encode(&env));
         *s.outbox_depth.entry(dest).or_default() += 1;
@@ -1239,6 +1269,7 @@ impl Broker {
             data: data.clone(),
             reply_to: None,
             kind: MessageKind::Broadcast,
+            after: s.agents.get(&from).and_then(|a| a.record.after),
         };
         let (epoch, local, skipped) = match self.deliver_to_all(
             &mut s,
@@ -1268,6 +1299,7 @@ impl Broker {
                     recipients,
                     message.clone(),
                     now,
+                    None,
                 );
             }
             match self.apply(&mut s, batch) {
@@ -1321,7 +1353,9 @@ impl Broker {
             data,
             reply_to: None,
             kind,
+            after: s.agents.get(from).and_then(|a| a.record.after),
         };
+        let mut held = Vec::new();
         for to in recipients {
             if Self::unread_of(s, &to) >= inbox_max {
                 skipped.push(Skipped {
@@ -1331,6 +1365,11 @@ impl Broker {
                 continue;
             }
             message.to = to.clone();
+            if self.fence_holds(s, &mut batch, &to, &message) {
+                // Stored, waiting for what the sender sent at its previous broker.
+                held.push(to);
+                continue;
+            }
             inbox::put_unread(&mut batch, &to, dot.seq, inbox::encode_message(&message));
             reached.push(to);
         }
@@ -1338,9 +1377,9 @@ impl Broker {
         for to in &reached {
             *s.unread.entry(to.clone()).or_default() += 1;
         }
-        s.last_arrival = dot.seq;
+        s.last_arrival = s.last_arrival.max(dot.seq);
         s.to_wake.extend(reached.iter().cloned());
-        Ok((epoch, reached.len() as u32, skipped))
+        Ok((epoch, (reached.len() + held.len()) as u32, skipped))
     }
 
     /// Unread (and, with `include_read`, read) messages of `agent`.
@@ -1512,6 +1551,7 @@ impl Broker {
             last_seen_ms: now,
             forward_to: Some(new.to_string()),
             forward_until_ms: now + self.inner.config.limits.rename_forward.as_millis() as u64,
+            after: None,
         };
         let online = old_agent.online;
 
@@ -1621,6 +1661,7 @@ impl Broker {
                 data: None,
                 reply_to: None,
                 kind: MessageKind::Notice,
+                after: None,
             };
             inbox::put_unread(&mut batch, &to, dot.seq, inbox::encode_message(&m));
             reached.push(to);
@@ -1725,6 +1766,9 @@ impl Broker {
             let s = self.state();
             s.agents.values().map(|a| a.online as u64).sum::<u64>()
         };
+        // Taken here, not inside the literal below: a guard made there lives to the end of
+        // the statement, and a second `self.state()` in it would deadlock.
+        let messages_fenced = self.state().fences.held_count() as u64;
         StatusView {
             broker: BrokerView {
                 id: self.inner.id.to_string(),
@@ -1775,6 +1819,10 @@ impl Broker {
                 duplicates_dropped: load(&c.duplicates),
                 relayed: load(&c.relayed),
                 forwarded: load(&c.forwarded),
+                messages_fenced,
+                fences_given_up: load(&c.fences_given_up),
+                connections_refused: load(&c.connections_refused),
+                auth_failures: load(&c.auth_failures),
             },
         }
     }

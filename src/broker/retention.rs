@@ -284,6 +284,7 @@ impl Broker {
             ),
             reply_to: Some(m.dot),
             kind: MessageKind::Notice,
+            after: None,
         };
         inbox::put_unread(batch, &m.from, seq, inbox::encode_message(&notice));
         *s.unread.entry(m.from.clone()).or_default() += 1;

@@ -103,9 +103,23 @@ fn human(s: &StatusView) -> String {
     }
     let c = &s.counters;
     out.push_str(&format!(
-        "\ncounters\n  accepted {}  stored {}  expired {}  requests {}  errors {}  rate-limited {}  flushes {}\n  duplicates dropped {}  relayed {}  forwarded {}\n",
+        "\ncounters\n  accepted {}  stored {}  expired {}  requests {}  errors {}  rate-limited {}  flushes {}\n  duplicates dropped {}  relayed {}  forwarded {}  fenced {}  fences given up {}\n",
         c.messages_accepted, c.messages_stored, c.messages_expired, c.requests, c.errors, c.rate_limited, c.flushes,
-        c.duplicates_dropped, c.relayed, c.forwarded
+        c.duplicates_dropped, c.relayed, c.forwarded, c.messages_fenced, c.fences_given_up
+    ));
+    let l = &s.limits;
+    out.push_str(&format!(
+        "\nlimits\n  rate {}/s per agent (burst {})  message {} bytes  inbox {}  outbox {}\n  connections {} (refused {})  frame timeout {}  client auth {} (failures {})\n",
+        l.rate_per_sec,
+        l.rate_burst,
+        l.max_message_bytes,
+        l.inbox_max,
+        l.outbox_max,
+        l.max_connections,
+        c.connections_refused,
+        humantime::format_duration(Duration::from_millis(l.frame_timeout_ms)),
+        if l.client_auth { "required" } else { "off" },
+        c.auth_failures
     ));
     out
 }
