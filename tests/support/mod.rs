@@ -10,6 +10,12 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ipc-mesh");
 
+/// The binary the brokers run: `IPC_MESH_TEST_BIN` if set (a long chaos run uses a copy, so a
+/// rebuild during the run does not change what a restarted broker runs), else the one built.
+pub fn bin() -> String {
+    std::env::var("IPC_MESH_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A port that was free a moment ago on `ip`.
 pub fn free_port(ip: &str) -> u16 {
     StdListener::bind((ip, 0))
@@ -70,7 +76,7 @@ impl BrokerProc {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("--home")
             .arg(&self.home)
             .args(&self.extra)
@@ -154,7 +160,7 @@ impl Drop for BrokerProc {
 
 /// Runs the CLI with `--home` and `--broker`.
 pub fn cli(home: &Path, broker: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(bin())
         .arg("--home")
         .arg(home)
         .args(["--broker", broker])
