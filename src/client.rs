@@ -7,10 +7,15 @@
 //! [`Client`] acts for one agent on top of that: it registers with the stored token (or
 //! claims the name and stores the new token), and when the connection drops it reconnects
 //! with backoff, registers again, and retries the request if retrying cannot duplicate it.
+//!
+//! A broker that requires client authentication says so in its welcome; the connection then
+//! proves the mesh secret (see [`crate::auth`]) before anything else, and checks the broker's
+//! proof in return. The secret comes from [`set_default_secret`] (the CLI and the MCP server
+//! set it from the config) or `IPC_MESH_SECRET`, or is passed to [`Connection::connect_with`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use federation::wire::{self, Hello, Role};
 use federation::AgentName;
 
+use crate::auth::{self, ClientSecret};
 use crate::connection::{self, CLIENT_MAX_FRAME};
 use crate::error::{Error, ErrorKind, Result, WireError};
 use crate::home::Home;
@@ -33,6 +39,26 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REQUEST_QUEUE: usize = 1024;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, WireError>>>>>;
+
+/// The secret connections use by default: set once by the program (from its config), or
+/// failing that `IPC_MESH_SECRET`. An error is kept to explain a refusal later.
+static DEFAULT_SECRET: OnceLock<Result<Option<ClientSecret>, String>> = OnceLock::new();
+
+/// Sets the secret [`Connection::connect`] proves to brokers that ask; `Err` says why none
+/// could be loaded (shown if a broker then requires one). Only the first call counts.
+pub fn set_default_secret(secret: Result<Option<ClientSecret>, String>) {
+    let _ = DEFAULT_SECRET.set(secret);
+}
+
+/// The default secret (see [`set_default_secret`]).
+pub fn default_secret() -> Result<Option<ClientSecret>, String> {
+    DEFAULT_SECRET
+        .get_or_init(|| {
+            crate::config::load_client_secret(&crate::config::Config::default().mesh)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
 
 /// One pipelined connection to a broker. Cheap to clone.
 #[derive(Clone)]
@@ -46,8 +72,17 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects, says hello, and reads the welcome.
+    /// Connects, says hello, reads the welcome, and authenticates with the default secret if
+    /// the broker asks (see [`set_default_secret`]).
     pub async fn connect(addr: &str) -> Result<Connection> {
+        Self::connect_with(addr, default_secret()).await
+    }
+
+    /// Like [`connect`](Connection::connect), proving `secret` if the broker asks.
+    pub async fn connect_with(
+        addr: &str,
+        secret: Result<Option<ClientSecret>, String>,
+    ) -> Result<Connection> {
         let unreachable = |reason: String| Error::Unreachable {
             addr: addr.to_string(),
             reason,
@@ -57,6 +92,11 @@ impl Connection {
             .map_err(|_| unreachable("timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        connection::keepalive(&stream);
+        let remote = stream
+            .peer_addr()
+            .map(|a| !a.ip().is_loopback())
+            .unwrap_or(true);
         let mut framed = connection::framed(stream, CLIENT_MAX_FRAME);
         framed
             .send(Bytes::copy_from_slice(&Hello::new(Role::Client).encode()))
@@ -80,6 +120,39 @@ impl Connection {
                 });
             }
         };
+        // Request ids start after the one authentication may use.
+        let mut next_id = 1;
+        match (&welcome.auth_nonce, secret) {
+            (Some(nonce), Ok(Some(secret))) => {
+                authenticate(&mut framed, &secret, nonce)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Remote(_) => e,
+                        other => unreachable(format!("authentication failed: {other}")),
+                    })?;
+                next_id = 2;
+            }
+            (Some(_), secret) => {
+                let why = match secret {
+                    Err(e) => format!(" (the configured secret could not be loaded: {e})"),
+                    Ok(_) => String::new(),
+                };
+                return Err(Error::Remote(WireError::new(
+                    ErrorKind::Unauthorized,
+                    format!(
+                        "the broker at {addr} requires clients to prove the mesh secret; set IPC_MESH_SECRET or [mesh] secret_file{why}"
+                    ),
+                )));
+            }
+            (None, Ok(Some(_))) if remote => {
+                // Every broker beyond loopback requires authentication; one that does not
+                // cannot prove it holds the secret, so it may not be the mesh's broker.
+                return Err(unreachable(
+                    "the broker did not ask this client to authenticate, though it is beyond loopback; it cannot prove it belongs to the mesh, so it is not trusted".into(),
+                ));
+            }
+            (None, _) => {}
+        }
 
         let (mut sink, mut frames) = framed.split();
         let (tx, mut rx) = mpsc::channel::<Request>(REQUEST_QUEUE);
@@ -141,7 +214,7 @@ impl Connection {
         Ok(Connection {
             tx,
             pending,
-            next_id: Arc::new(AtomicU64::new(1)),
+            next_id: Arc::new(AtomicU64::new(next_id)),
             closed,
             welcome: Arc::new(welcome),
             addr: addr.to_string(),
@@ -206,11 +279,59 @@ impl Connection {
     }
 }
 
+/// Proves `secret` to the broker whose welcome carried `nonce`, and checks its proof back.
+async fn authenticate(
+    framed: &mut connection::FramedStream,
+    secret: &ClientSecret,
+    nonce: &str,
+) -> Result<()> {
+    let bad = |m: &str| Error::Remote(WireError::new(ErrorKind::Unauthorized, m));
+    let broker_nonce =
+        auth::parse_nonce(nonce).ok_or_else(|| bad("the broker sent a malformed nonce"))?;
+    let client_nonce = rand::random::<[u8; auth::NONCE_LEN]>();
+    let req = Request {
+        id: 1,
+        body: Body::Auth {
+            client_nonce: hex::encode(client_nonce),
+            proof: auth::proof(secret, auth::Side::Client, &broker_nonce, &client_nonce),
+        },
+    };
+    framed.send(Bytes::from(wire::encode(&req))).await?;
+    let frame = tokio::time::timeout(CONNECT_TIMEOUT, framed.next())
+        .await
+        .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
+        .ok_or(Error::Disconnected)??;
+    let resp: Response = wire::decode(&frame)?;
+    match resp.result {
+        Ok(Reply::Authenticated { proof })
+            if auth::verify(
+                secret,
+                auth::Side::Broker,
+                &broker_nonce,
+                &client_nonce,
+                &proof,
+            ) =>
+        {
+            Ok(())
+        }
+        Ok(Reply::Authenticated { .. }) => Err(bad(
+            "the broker's proof does not match the mesh secret: it is not the mesh's broker, or its secret differs",
+        )),
+        Ok(other) => Err(bad(&format!("unexpected answer to auth: {other:?}"))),
+        Err(e) => Err(Error::Remote(e)),
+    }
+}
+
 /// Whether resending `body` after a lost connection is safe: it cannot deliver or mark
 /// anything twice.
 pub fn retry_safe(body: &Body) -> bool {
     match body {
-        Body::Ping | Body::Register { .. } | Body::List | Body::Status | Body::Ack { .. } => true,
+        Body::Ping
+        | Body::Auth { .. }
+        | Body::Register { .. }
+        | Body::List
+        | Body::Status
+        | Body::Ack { .. } => true,
         Body::Fetch { mark_read, .. } | Body::Wait { mark_read, .. } => !mark_read,
         // A send with a dedup key is answered once, however often it arrives.
         Body::Send(out) => out.dedup_key.is_some(),

@@ -21,7 +21,9 @@ pub mod defaults {
     pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
     pub const INBOX_MAX: usize = 10_000;
     pub const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-    pub const MAX_CONNECTIONS: usize = 1024;
+    pub const MAX_CONNECTIONS: usize = 4096;
+    /// How long a frame whose first bytes arrived may take to arrive whole.
+    pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
     pub const RATE_PER_SEC: u32 = 10_000;
     pub const RATE_BURST: u32 = 20_000;
     /// How long an old name keeps forwarding to the new one after a rename.
@@ -38,6 +40,11 @@ pub mod defaults {
     pub const PEER_FRAMES_PER_SEC: u64 = 0;
 }
 
+/// The largest config file read; a bigger one is refused rather than parsed.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// The largest secret file read.
+pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
+
 /// The whole configuration, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -52,6 +59,17 @@ pub struct BrokerConfig {
     /// What peers should dial, when it differs from `listen`.
     pub advertise: Option<String>,
     pub max_connections: usize,
+    /// Whether clients must prove the mesh secret (see [`crate::auth`]). `None`: only when
+    /// listening beyond loopback. It cannot be turned off beyond loopback.
+    pub require_client_auth: Option<bool>,
+}
+
+impl BrokerConfig {
+    /// Whether a broker listening on `listen` requires client authentication.
+    pub fn client_auth_required(&self, listen: SocketAddr) -> bool {
+        self.require_client_auth
+            .unwrap_or(!listen.ip().is_loopback())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +98,9 @@ pub struct Limits {
     pub peer_bytes_per_sec: u64,
     /// Frames per second one peer link may make this broker read; 0 turns the limit off.
     pub peer_frames_per_sec: u64,
+    /// A frame whose first bytes arrived must be complete within this; else the connection
+    /// is closed (a slow sender cannot hold a connection with a frame half sent).
+    pub frame_timeout: Duration,
 }
 
 impl Default for Config {
@@ -89,6 +110,7 @@ impl Default for Config {
                 listen: DEFAULT_LISTEN.parse().expect("valid default"),
                 advertise: None,
                 max_connections: defaults::MAX_CONNECTIONS,
+                require_client_auth: None,
             },
             mesh: MeshConfig {
                 peers: Vec::new(),
@@ -114,6 +136,7 @@ impl Default for Limits {
             outbox_max: defaults::OUTBOX_MAX,
             peer_bytes_per_sec: defaults::PEER_BYTES_PER_SEC,
             peer_frames_per_sec: defaults::PEER_FRAMES_PER_SEC,
+            frame_timeout: defaults::FRAME_TIMEOUT,
         }
     }
 }
@@ -136,6 +159,7 @@ struct RawBroker {
     listen: Option<String>,
     advertise: Option<String>,
     max_connections: Option<usize>,
+    require_client_auth: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -160,13 +184,16 @@ struct RawLimits {
     outbox_max: Option<u64>,
     peer_bytes_per_sec: Option<u64>,
     peer_frames_per_sec: Option<u64>,
+    frame_timeout: Option<String>,
 }
 
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read config {}: {e}", path.display())))?;
+        let cannot =
+            |e: String| Error::Config(format!("cannot read config {}: {e}", path.display()));
+        let bytes = read_capped(path, MAX_CONFIG_BYTES).map_err(cannot)?;
+        let text = String::from_utf8(bytes).map_err(|_| cannot("not UTF-8 text".into()))?;
         Config::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
@@ -184,6 +211,15 @@ impl Config {
         }
         if let Some(n) = raw.broker.max_connections {
             c.broker.max_connections = positive("[broker] max_connections", n)?;
+        }
+        if let Some(b) = raw.broker.require_client_auth {
+            if !b && !c.broker.listen.ip().is_loopback() {
+                return Err(format!(
+                    "[broker] require_client_auth = false: cannot be turned off when listening on {} (beyond loopback); clients there must prove the mesh secret",
+                    c.broker.listen
+                ));
+            }
+            c.broker.require_client_auth = Some(b);
         }
 
         if let Some(peers) = raw.mesh.peers {
@@ -235,6 +271,9 @@ impl Config {
         if let Some(n) = l.outbox_max {
             c.limits.outbox_max = positive("[limits] outbox_max", n as usize)? as u64;
         }
+        if let Some(d) = l.frame_timeout {
+            c.limits.frame_timeout = parse_duration("[limits] frame_timeout", &d)?;
+        }
         if let Some(d) = l.rename_forward {
             c.limits.rename_forward = parse_duration("[limits] rename_forward", &d)?;
         }
@@ -247,6 +286,42 @@ impl Config {
 /// A secret file readable by other users is refused: anyone who can read it can join the
 /// mesh. Surrounding whitespace (a trailing newline) is not part of the secret.
 pub fn load_secret(mesh: &MeshConfig) -> Result<Option<federation::auth::Secret>> {
+    match load_secret_bytes(mesh)? {
+        None => Ok(None),
+        Some(bytes) => parse_secrets(&bytes).map(Some),
+    }
+}
+
+/// One peer secret per non-empty line (surrounding whitespace trimmed), the current one
+/// first; the others are still accepted from peers while a rotation is under way (see
+/// docs/security.md). The bytes read are wiped once parsed.
+fn parse_secrets(text: &[u8]) -> Result<federation::auth::Secret> {
+    let text = zeroize::Zeroizing::new(text.to_vec());
+    let bad = |e: federation::Error| Error::Config(format!("mesh secret: {e}"));
+    let mut lines = text
+        .split(|b| *b == b'\n')
+        .map(|l| l.trim_ascii())
+        .filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .ok_or_else(|| Error::Config("the mesh secret is empty".into()))?;
+    let mut secret = federation::auth::Secret::new(first.to_vec()).map_err(bad)?;
+    for previous in lines {
+        secret = secret.with_previous(previous.to_vec()).map_err(bad)?;
+    }
+    Ok(secret)
+}
+
+/// The mesh secret for client authentication, from the same place as [`load_secret`].
+pub fn load_client_secret(mesh: &MeshConfig) -> Result<Option<crate::auth::ClientSecret>> {
+    load_secret_bytes(mesh)?
+        .map(|bytes| crate::auth::ClientSecret::from_lines(&bytes))
+        .transpose()
+}
+
+/// The mesh secret's bytes: `$IPC_MESH_SECRET` if set, else the `[mesh] secret_file` (which
+/// must not be readable by other users, and at most [`MAX_SECRET_BYTES`] long).
+fn load_secret_bytes(mesh: &MeshConfig) -> Result<Option<Vec<u8>>> {
     let bytes = match std::env::var("IPC_MESH_SECRET") {
         Ok(v) if !v.trim().is_empty() => v.trim().as_bytes().to_vec(),
         _ => match &mesh.secret_file {
@@ -268,34 +343,37 @@ pub fn load_secret(mesh: &MeshConfig) -> Result<Option<federation::auth::Secret>
                         path.display()
                     )));
                 }
-                let text = std::fs::read(path).map_err(|e| {
+                let text = read_capped(path, MAX_SECRET_BYTES).map_err(|e| {
                     Error::Config(format!("[mesh] secret_file {}: {e}", path.display()))
                 })?;
                 String::from_utf8_lossy(&text).trim().as_bytes().to_vec()
             }
         },
     };
-    parse_secrets(&bytes).map(Some)
+    if bytes.len() < 16 {
+        return Err(Error::Config(
+            "the mesh secret must be at least 16 bytes long".into(),
+        ));
+    }
+    Ok(Some(bytes))
 }
 
-/// One peer secret per non-empty line (surrounding whitespace trimmed), the current one
-/// first; the others are still accepted from peers while a rotation is under way (see
-/// docs/security.md). The bytes read are wiped once parsed.
-fn parse_secrets(text: &[u8]) -> Result<federation::auth::Secret> {
-    let text = zeroize::Zeroizing::new(text.to_vec());
-    let bad = |e: federation::Error| Error::Config(format!("mesh secret: {e}"));
-    let mut lines = text
-        .split(|b| *b == b'\n')
-        .map(|l| l.trim_ascii())
-        .filter(|l| !l.is_empty());
-    let first = lines
-        .next()
-        .ok_or_else(|| Error::Config("the mesh secret is empty".into()))?;
-    let mut secret = federation::auth::Secret::new(first.to_vec()).map_err(bad)?;
-    for previous in lines {
-        secret = secret.with_previous(previous.to_vec()).map_err(bad)?;
+/// Reads a regular file of at most `max` bytes; anything else is an error saying why.
+pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
     }
-    Ok(secret)
+    let mut buf = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| e.to_string())?;
+    if buf.len() as u64 > max {
+        return Err(format!("larger than the limit of {max} bytes"));
+    }
+    Ok(buf)
 }
 
 /// Parses a humantime duration such as `30s` or `7d`.

@@ -4,6 +4,14 @@
 //! bytes arrive, so an oversized frame is refused before a byte of it is buffered. Outgoing
 //! frames have their own, larger limit: a broker accepts requests of at most a message's size,
 //! but answers a fetch with many messages at once.
+//!
+//! The codec also notes when the first bytes of a frame arrived ([`PartialFrame`]), so a reader
+//! can close a connection whose sender dribbles a frame forever (a slow-loris sender) without
+//! putting a timeout on connections that are merely quiet between frames.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -27,6 +35,7 @@ fn length_delimited(max: usize) -> LengthDelimitedCodec {
 pub struct FrameCodec {
     read: LengthDelimitedCodec,
     write: LengthDelimitedCodec,
+    partial: PartialFrame,
 }
 
 impl FrameCodec {
@@ -34,7 +43,58 @@ impl FrameCodec {
         FrameCodec {
             read: length_delimited(max_in),
             write: length_delimited(max_out),
+            partial: PartialFrame::default(),
         }
+    }
+
+    /// Changes the largest frame accepted from now on (a broker accepts only small frames
+    /// until a client has authenticated).
+    pub fn set_max_in(&mut self, max_in: usize) {
+        self.read.set_max_frame_length(max_in);
+    }
+
+    /// A handle on when the frame being received started arriving.
+    pub fn partial(&self) -> PartialFrame {
+        self.partial.clone()
+    }
+}
+
+/// When the first bytes of a frame not yet complete arrived, shared between the codec and
+/// whoever watches the connection. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PartialFrame {
+    /// Milliseconds after `base` plus one, or 0 when no frame is partly received.
+    since: Arc<AtomicU64>,
+    base: Instant,
+}
+
+impl Default for PartialFrame {
+    fn default() -> Self {
+        PartialFrame {
+            since: Arc::new(AtomicU64::new(0)),
+            base: Instant::now(),
+        }
+    }
+}
+
+impl PartialFrame {
+    /// When the frame now arriving began, if one is partly received.
+    pub fn since(&self) -> Option<Instant> {
+        match self.since.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.base + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    fn start(&self) {
+        if self.since.load(Ordering::Relaxed) == 0 {
+            let ms = self.base.elapsed().as_millis() as u64 + 1;
+            self.since.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&self) {
+        self.since.store(0, Ordering::Relaxed);
     }
 }
 
@@ -43,7 +103,17 @@ impl Decoder for FrameCodec {
     type Error = std::io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
-        self.read.decode(src)
+        // Bytes waiting and no frame started: they are the start of one. The inner codec may
+        // consume a frame's length prefix and leave `src` empty; the frame is still partial
+        // until it returns it whole.
+        if !src.is_empty() {
+            self.partial.start();
+        }
+        let frame = self.read.decode(src)?;
+        if frame.is_some() {
+            self.partial.clear();
+        }
+        Ok(frame)
     }
 }
 
@@ -63,7 +133,79 @@ pub fn framed(stream: TcpStream, max_in: usize) -> FramedStream {
     Framed::new(stream, FrameCodec::new(max_in, CLIENT_MAX_FRAME))
 }
 
+/// Turns on TCP keepalive, so a peer that vanished without a word (power cut, cable pulled,
+/// NAT state dropped) is noticed within about two minutes even on a quiet connection:
+/// first probe after 60 s idle, then every 10 s, given up after 6 unanswered.
+pub fn keepalive(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: `fd` is an open socket owned by `stream` for the duration of the call, and
+        // the option value is a plain int of the size we pass.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    // Best effort: a failure leaves the connection as it was, without keepalive.
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6);
+    }
+}
+
 /// Whether an I/O error from the codec means the peer announced a frame over the limit.
 pub fn is_oversized(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::InvalidData && e.to_string().contains("frame size too big")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_is_partial_from_its_first_byte_until_it_is_whole() {
+        let mut codec = FrameCodec::new(1024, 1024);
+        let partial = codec.partial();
+        let mut buf = BytesMut::new();
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert!(
+            partial.since().is_none(),
+            "nothing received: nothing partial"
+        );
+
+        buf.extend_from_slice(&[0, 0]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        let started = partial
+            .since()
+            .expect("half a length prefix is a partial frame");
+
+        buf.extend_from_slice(&[0, 3]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert_eq!(
+            partial.since(),
+            Some(started),
+            "prefix consumed, body missing"
+        );
+
+        buf.extend_from_slice(b"abc");
+        assert_eq!(&codec.decode(&mut buf).unwrap().unwrap()[..], b"abc");
+        assert!(partial.since().is_none(), "whole frame: nothing partial");
+    }
+
+    #[test]
+    fn oversized_prefixes_are_refused_before_buffering() {
+        let mut codec = FrameCodec::new(16, 16);
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
+        let e = codec.decode(&mut buf).unwrap_err();
+        assert!(is_oversized(&e), "{e}");
+    }
 }

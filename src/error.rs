@@ -31,6 +31,9 @@ pub enum ErrorKind {
     Protocol,
     /// A bug or an unexpected condition on the broker: report it.
     Internal,
+    /// The broker requires clients to prove the mesh secret first, or the proof was wrong:
+    /// configure the secret (`IPC_MESH_SECRET` or `[mesh] secret_file`).
+    Unauthorized,
 }
 
 impl ErrorKind {
@@ -48,6 +51,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Protocol => "protocol",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthorized => "unauthorized",
         }
     }
 

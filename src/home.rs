@@ -12,6 +12,9 @@ use federation::AgentName;
 
 use crate::error::{Error, Result};
 
+/// The largest token file read (a token is 64 characters).
+pub const MAX_TOKEN_FILE: u64 = 4096;
+
 #[derive(Clone, Debug)]
 pub struct Home {
     root: PathBuf,
@@ -62,13 +65,16 @@ impl Home {
         self.root.join("agents").join(format!("{name}.token"))
     }
 
-    /// The stored token of `name`, if any.
+    /// The stored token of `name`, if any. A token file is small: one larger than
+    /// [`MAX_TOKEN_FILE`], or not a regular file, is an error rather than read.
     pub fn load_token(&self, name: &AgentName) -> Result<Option<String>> {
-        match fs::read_to_string(self.token_path(name)) {
-            Ok(t) => Ok(Some(t.trim().to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io(e)),
+        let path = self.token_path(name);
+        if !path.exists() {
+            return Ok(None);
         }
+        let bytes = crate::config::read_capped(&path, MAX_TOKEN_FILE)
+            .map_err(|e| Error::Config(format!("token file {}: {e}", path.display())))?;
+        Ok(Some(String::from_utf8_lossy(&bytes).trim().to_string()))
     }
 
     /// Stores `token` for `name` (0600), replacing any old one atomically.
@@ -126,5 +132,15 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(home.root()), 0o700);
         assert_eq!(mode(&home.root().join("agents/alice.token")), 0o600);
+    }
+
+    #[test]
+    fn an_oversized_token_file_is_an_error_not_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path().join("h"));
+        let name = AgentName::new("bob").unwrap();
+        home.store_token(&name, &"a".repeat(10_000)).unwrap();
+        let e = home.load_token(&name).unwrap_err().to_string();
+        assert!(e.contains("limit"), "{e}");
     }
 }

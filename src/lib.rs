@@ -6,11 +6,13 @@
 //! - [`client`]: the client library the CLI (and the MCP server) are built on.
 //! - [`protocol`]: the client ↔ broker requests and replies; [`connection`]: their framing.
 //! - [`storage`], [`inbox`], [`identity`]: what the broker keeps, and how.
+//! - [`auth`]: clients proving the mesh secret to a broker that requires it, and back.
 //! - [`config`], [`home`]: the mesh config file and the home folder.
 //! - [`mcp`]: the MCP stdio server assistants launch, with the democratic broker election.
 //! - [`cli`]: the subcommands.
 //! - [`bench`]: the load generator behind `ipc-mesh bench`.
 
+pub mod auth;
 pub mod bench;
 pub mod broker;
 pub mod cli;

@@ -19,6 +19,11 @@ pub struct Welcome {
     pub version: String,
     /// The largest frame this broker accepts, in bytes.
     pub max_frame_bytes: u64,
+    /// Present when this broker requires clients to prove the mesh secret before anything
+    /// else: its fresh nonce (16 bytes as hex) for [`Body::Auth`]. Absent on a broker that
+    /// does not (loopback, by default); an older broker never sends it.
+    #[serde(default)]
+    pub auth_nonce: Option<String>,
 }
 
 /// A request frame.
@@ -40,6 +45,13 @@ pub struct Response {
 pub enum Body {
     /// Answered with `Pong`; needs no registration. Used for health checks and round trips.
     Ping,
+    /// Proves the mesh secret to a broker whose welcome carried an `auth_nonce` (see
+    /// [`crate::auth`]): the client's own nonce and its proof, both hex. Answered with
+    /// `Authenticated`, or `Unauthorized` and a close.
+    Auth {
+        client_nonce: String,
+        proof: String,
+    },
     /// Claim `name` (no token: a new name) or reclaim it (with the token it was given).
     Register {
         name: String,
@@ -96,6 +108,10 @@ pub struct Outgoing {
 pub enum Reply {
     Pong {
         broker_id: String,
+    },
+    /// The broker's proof that it holds the mesh secret too (hex).
+    Authenticated {
+        proof: String,
     },
     Registered {
         name: String,
@@ -214,6 +230,24 @@ pub struct StatusView {
     pub clock: Vec<ClockEntry>,
     pub counters: Counters,
     pub mesh: MeshCounters,
+    /// The limits this broker enforces (absent from an older broker).
+    #[serde(default)]
+    pub limits: LimitsView,
+}
+
+/// The limits a broker enforces, per identity and per connection, as configured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitsView {
+    /// Requests per second per agent (or unregistered connection); 0: unlimited.
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
+    pub max_message_bytes: u64,
+    pub inbox_max: u64,
+    pub outbox_max: u64,
+    pub max_connections: u64,
+    pub frame_timeout_ms: u64,
+    /// Whether clients must prove the mesh secret.
+    pub client_auth: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -247,6 +281,18 @@ pub struct PeerView {
     pub last_heard_ms: Option<u64>,
     /// Why the last link attempt was refused, if it was (a wrong secret, say).
     pub refused: Option<String>,
+    /// While the link is up: whether it is encrypted (absent from an older broker).
+    #[serde(default)]
+    pub encrypted: Option<bool>,
+    /// Bytes read from this peer's link, as received (sealed size when encrypted).
+    #[serde(default)]
+    pub bytes_in: u64,
+    /// How often reading from this peer paused for `[limits] peer_bytes_per_sec` or
+    /// `peer_frames_per_sec`, and for how long in all (milliseconds).
+    #[serde(default)]
+    pub throttled: u64,
+    #[serde(default)]
+    pub throttled_ms: u64,
 }
 
 /// Link counters of the mesh node since the broker started.
@@ -256,6 +302,20 @@ pub struct MeshCounters {
     pub links_closed: u64,
     pub dials: u64,
     pub refusals: u64,
+    /// The latest refused peer links (wrong or missing secret, a plaintext downgrade, a
+    /// replayed handshake), oldest first; older ones are in the log only.
+    #[serde(default)]
+    pub recent_refusals: Vec<RefusalView>,
+}
+
+/// A refused peer link.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusalView {
+    /// The address dialed, or the remote socket address of an accepted connection.
+    pub addr: String,
+    pub reason: String,
+    /// How long ago, in milliseconds.
+    pub age_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

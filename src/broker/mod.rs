@@ -46,7 +46,7 @@ use crate::inbox::{self, Entry};
 use crate::outbox;
 use crate::protocol::{
     AgentView, Body, BrokerView, ClockEntry, Counters, MeshCounters, MessageView, Outgoing,
-    PeerView, Reply, Route, Skipped, StatusView,
+    PeerView, RefusalView, Reply, Route, Skipped, StatusView,
 };
 use crate::storage::{keys, Batch, Engine};
 
@@ -541,6 +541,18 @@ impl Broker {
             + 1
     }
 
+    /// Counts a connection refused at the connection limit.
+    pub fn connection_refused(&self) {
+        let c = &self.inner.counters;
+        c.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a client that failed to authenticate.
+    pub fn auth_failed(&self) {
+        let c = &self.inner.counters;
+        c.auth_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Called when a connection closes: the agent it was registered as may go offline.
     pub fn connection_closed(&self, ctx: &SessionCtx) {
         let Some(name) = &ctx.agent else { return };
@@ -604,6 +616,9 @@ impl Broker {
             Body::Ping => Outcome::Now(Ok(Reply::Pong {
                 broker_id: self.inner.id.to_string(),
             })),
+            Body::Auth { .. } => Outcome::Now(Err(WireError::invalid(
+                "this connection needs no authentication: it is authenticated already, or the broker does not require it",
+            ))),
             Body::Register { name, token } => self.register(ctx, name, token),
             Body::Send(out) => self.send(ctx, out),
             Body::Broadcast { content, data } => self.broadcast(ctx, content, data),
@@ -1458,16 +1473,15 @@ impl Broker {
             }
         }
         let visible = self.inner.commit.durable().arrival;
-        let max = self.inner.config.limits.inbox_max;
         let mut s = self.state();
-        let entries = match inbox::unread(&*self.inner.engine, &agent, visible, max, usize::MAX) {
+        let entries = match inbox::find_unread(&*self.inner.engine, &agent, visible, &wanted) {
             Ok(e) => e,
             Err(e) => return Err(storage_err(e)).into(),
         };
         let now = now_ms();
         let mut batch = Batch::new();
         let mut marked = 0u32;
-        for e in entries.iter().filter(|e| wanted.contains(&e.message.dot)) {
+        for e in &entries {
             inbox::mark_read(&mut batch, &agent, e, now);
             marked += 1;
         }
@@ -1709,11 +1723,14 @@ impl Broker {
         let flows = m.with_node(|n| n.outflow_status());
         let now = now_ms();
         let depths = self.state().outbox_depth.clone();
-        let mut views: Vec<PeerView> = m
-            .snapshot()
+        let snap = m.snapshot();
+        let links = snap.links;
+        let mut views: Vec<PeerView> = snap
             .peers
             .into_iter()
             .map(|p| {
+                let link =
+                    p.id.and_then(|id| links.iter().find(|(l, _)| *l == id).map(|(_, s)| s));
                 let flow = p.id.and_then(|id| flows.iter().find(|f| f.dest == id));
                 let outbox = p.id.and_then(|id| depths.get(&id).copied()).unwrap_or(0);
                 PeerView {
@@ -1730,6 +1747,10 @@ impl Broker {
                         .and_then(|id| self.oldest_queued(id, now)),
                     last_heard_ms: p.last_heard_ms,
                     refused: p.refused,
+                    encrypted: link.map(|l| l.encrypted),
+                    bytes_in: link.map_or(0, |l| l.bytes_in),
+                    throttled: link.map_or(0, |l| l.throttled),
+                    throttled_ms: link.map_or(0, |l| l.throttled_ms),
                 }
             })
             .collect();
@@ -1747,6 +1768,10 @@ impl Broker {
                     oldest_ms: self.oldest_queued(dest, now),
                     last_heard_ms: None,
                     refused: None,
+                    encrypted: None,
+                    bytes_in: 0,
+                    throttled: 0,
+                    throttled_ms: 0,
                 });
             }
         }
@@ -1790,12 +1815,22 @@ impl Broker {
             mesh: self
                 .mesh()
                 .map(|m| {
-                    let st = m.with_node(|n| n.stats().clone());
+                    let snap = m.snapshot();
+                    let (st, now) = (snap.stats, now_ms());
                     MeshCounters {
                         links_opened: st.links_opened,
                         links_closed: st.links_closed,
                         dials: st.dials,
                         refusals: st.refusals,
+                        recent_refusals: snap
+                            .refusals
+                            .into_iter()
+                            .map(|r| RefusalView {
+                                addr: r.addr,
+                                reason: r.reason,
+                                age_ms: now.saturating_sub(r.at_ms),
+                            })
+                            .collect(),
                     }
                 })
                 .unwrap_or_default(),
@@ -1824,6 +1859,24 @@ impl Broker {
                 connections_refused: load(&c.connections_refused),
                 auth_failures: load(&c.auth_failures),
             },
+            limits: self.limits_view(),
+        }
+    }
+}
+
+impl Broker {
+    fn limits_view(&self) -> crate::protocol::LimitsView {
+        let cfg = &self.inner.config;
+        let l = &cfg.limits;
+        crate::protocol::LimitsView {
+            rate_per_sec: l.rate_per_sec,
+            rate_burst: l.rate_burst,
+            max_message_bytes: l.max_message_bytes as u64,
+            inbox_max: l.inbox_max as u64,
+            outbox_max: l.outbox_max,
+            max_connections: cfg.broker.max_connections as u64,
+            frame_timeout_ms: l.frame_timeout.as_millis() as u64,
+            client_auth: cfg.broker.client_auth_required(self.inner.listen),
         }
     }
 }

@@ -1,8 +1,12 @@
 //! One client connection: hello, then requests in, responses out.
 //!
-//! 1. Read the hello (bounded in time). A bad one gets an error frame and a close.
-//! 2. Send the welcome.
-//! 3. Read request frames in order; [`Broker::handle`] runs each one's synchronous part in
+//! 1. Read the hello (bounded in time and size). A bad one gets an error frame and a close.
+//! 2. Send the welcome. If the broker requires client authentication, it carries a nonce, and
+//!    the client must answer with a good `Auth` within 10 s; until then every other request
+//!    gets `Unauthorized` and nothing else, frames are limited to 4 KiB, and a wrong proof
+//!    closes the connection (see [`crate::auth`]).
+//! 3. Read request frames in order (a frame whose first bytes arrived must be whole within
+//!    `frame_timeout`, else the connection closes); [`Broker::handle`] runs each one's synchronous part in
 //!    arrival order, which is what keeps one sender's messages in order.
 //! 4. Replies that wait (for a flush, or for a message) run as tasks, so a pipelining client
 //!    keeps the flusher busy with many writes per flush; each writes its reply when ready.
@@ -23,12 +27,20 @@ use tokio_util::task::TaskTracker;
 use federation::wire::{self, Hello, Role};
 
 use super::{Broker, Outcome, SessionCtx};
-use crate::connection::{self, FRAME_OVERHEAD};
+use crate::auth::{self, ClientSecret};
+use crate::connection::{self, FramedStream, PartialFrame, FRAME_OVERHEAD};
 use crate::error::{ErrorKind, WireError};
-use crate::protocol::{Request, Response, Welcome};
+use crate::protocol::{Body, Reply, Request, Response, Welcome};
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to authenticate, once welcomed, when the broker requires it.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest frame accepted before the hello and, where required, authentication: nothing
+/// said before then needs more, and an unauthenticated stranger gets no bigger buffer.
+const PRE_AUTH_MAX_FRAME: usize = 4096;
+/// Requests an unauthenticated connection may make (each refused) before it is closed.
+const PRE_AUTH_REQUESTS: u32 = 16;
 /// Replies queued for the writer. Full: the reader stops reading until the client catches up,
 /// which is the backpressure a client that never reads deserves.
 const REPLY_QUEUE: usize = 1024;
@@ -44,8 +56,10 @@ pub(super) async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     stop: CancellationToken,
+    client_auth: Option<std::sync::Arc<ClientSecret>>,
 ) {
     let _ = stream.set_nodelay(true);
+    connection::keepalive(&stream);
     let conn_id = broker.connection_opened();
     // Old claude-ipc-mcp clients send one JSON object per connection. Tell them, in their
     // own format, what they reached.
@@ -57,7 +71,7 @@ pub(super) async fn run(
         }
     }
     let max_frame = broker.config().limits.max_message_bytes + FRAME_OVERHEAD;
-    let mut framed = connection::framed(stream, max_frame);
+    let mut framed = connection::framed(stream, PRE_AUTH_MAX_FRAME);
 
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
         Ok(Some(Ok(frame))) => Hello::decode(&frame).map_err(WireError::from),
@@ -80,6 +94,7 @@ pub(super) async fn run(
     };
     if hello.role == Role::Peer {
         // Another broker: the mesh node takes the link from here (its own handshake).
+        framed.codec_mut().set_max_in(max_frame);
         match broker.mesh_handle() {
             Some(mesh) => {
                 mesh.accept_hello(federation::driver::rebox(framed), peer.to_string(), hello)
@@ -94,10 +109,12 @@ pub(super) async fn run(
         }
         return;
     }
+    let nonce = client_auth.as_ref().map(|_| auth::new_nonce());
     let welcome = Welcome {
         broker_id: broker.id().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         max_frame_bytes: max_frame as u64,
+        auth_nonce: nonce.clone(),
     };
     if framed
         .send(Bytes::from(wire::encode(&welcome)))
@@ -106,6 +123,17 @@ pub(super) async fn run(
     {
         return;
     }
+    if let (Some(secret), Some(nonce)) = (&client_auth, &nonce) {
+        if !authenticate(&mut framed, secret, nonce, peer, &stop).await {
+            if !stop.is_cancelled() {
+                broker.auth_failed();
+            }
+            return;
+        }
+    }
+    framed.codec_mut().set_max_in(max_frame);
+    let partial = framed.codec().partial();
+    let frame_timeout = broker.config().limits.frame_timeout;
 
     let (mut sink, mut frames) = framed.split();
     let (tx, mut rx) = mpsc::channel::<Response>(REPLY_QUEUE);
@@ -141,6 +169,17 @@ pub(super) async fn run(
     loop {
         let frame = tokio::select! {
             f = frames.next() => f,
+            _ = stalled(&partial, frame_timeout) => {
+                tracing::info!(%peer, "closing a connection whose frame stalled half-sent");
+                let msg = format!(
+                    "a frame took longer than {} to arrive whole; the connection is closed",
+                    humantime::format_duration(frame_timeout)
+                );
+                let _ = tx
+                    .send(error_frame(0, WireError::new(ErrorKind::Protocol, msg)))
+                    .await;
+                break;
+            }
             _ = stop.cancelled() => break,
             _ = broken.cancelled() => break,
         };
@@ -241,6 +280,142 @@ pub(super) async fn run(
     drop(tx);
     let _ = writer.await;
     broker.connection_closed(&ctx);
+}
+
+/// Completes when a frame has been partly received for `limit` (a slow or stuck sender);
+/// never while the connection is merely quiet between frames.
+async fn stalled(partial: &PartialFrame, limit: Duration) {
+    loop {
+        match partial.since() {
+            Some(started) => {
+                tokio::time::sleep_until((started + limit).into()).await;
+                if partial.since() == Some(started) {
+                    return;
+                }
+            }
+            // Check again later: a frame may start arriving meanwhile, and is then cut at
+            // most `limit` after its first byte (this wake-up comes before that).
+            None => tokio::time::sleep(limit).await,
+        }
+    }
+}
+
+/// Runs the authentication exchange on a fresh connection: true once the client proved the
+/// secret; false (after telling it why) if it did not, in time or at all.
+async fn authenticate(
+    framed: &mut FramedStream,
+    secret: &ClientSecret,
+    nonce: &str,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) -> bool {
+    let broker_nonce = auth::parse_nonce(nonce).expect("our own nonce is well formed");
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let unauthorized = |m: &str| WireError::new(ErrorKind::Unauthorized, m);
+    let mut refused = 0u32;
+    let (id, outcome) = loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout_at(deadline, framed.next()) => f,
+            _ = stop.cancelled() => return false,
+        };
+        let frame = match frame {
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) if connection::is_oversized(&e) => {
+                break (
+                    0,
+                    Err(unauthorized(&format!(
+                        "frames before authentication may be at most {PRE_AUTH_MAX_FRAME} bytes; authenticate first"
+                    ))),
+                )
+            }
+            Ok(Some(Err(_))) | Ok(None) => return false,
+            Err(_) => {
+                break (
+                    0,
+                    Err(unauthorized(
+                        "not authenticated within 10 s; this broker requires clients to prove the mesh secret",
+                    )),
+                )
+            }
+        };
+        let req = match wire::decode::<Request>(&frame) {
+            Ok(r) => r,
+            Err(_) => {
+                let id = wire::decode::<Header>(&frame).map_or(0, |h| h.id);
+                break (
+                    id,
+                    Err(unauthorized(
+                        "undecodable request before authentication; authenticate first",
+                    )),
+                );
+            }
+        };
+        match req.body {
+            Body::Auth {
+                client_nonce,
+                proof,
+            } => {
+                let good = auth::parse_nonce(&client_nonce).and_then(|client_nonce| {
+                    auth::verify_any(
+                        secret,
+                        auth::Side::Client,
+                        &broker_nonce,
+                        &client_nonce,
+                        &proof,
+                    )
+                    .map(|matched| (client_nonce, matched))
+                });
+                match good {
+                    Some((client_nonce, matched)) => {
+                        // Answered with the secret the client used (during a rotation, maybe
+                        // the previous one), so it can check the answer.
+                        let proof =
+                            auth::proof(&matched, auth::Side::Broker, &broker_nonce, &client_nonce);
+                        let reply = Response {
+                            id: req.id,
+                            result: Ok(Reply::Authenticated { proof }),
+                        };
+                        return framed.send(Bytes::from(wire::encode(&reply))).await.is_ok();
+                    }
+                    None => {
+                        tracing::warn!(%peer, "client authentication failed: wrong proof");
+                        break (
+                            req.id,
+                            Err(unauthorized(
+                                "authentication failed: the proof does not match this broker's mesh secret; check IPC_MESH_SECRET or [mesh] secret_file",
+                            )),
+                        );
+                    }
+                }
+            }
+            _ => {
+                refused += 1;
+                let e = unauthorized(
+                    "this broker requires clients to prove the mesh secret before any request; set IPC_MESH_SECRET or [mesh] secret_file to the mesh's secret",
+                );
+                if refused >= PRE_AUTH_REQUESTS {
+                    break (req.id, Err(e));
+                }
+                let reply = Bytes::from(wire::encode(&error_frame(req.id, e)));
+                if !matches!(
+                    tokio::time::timeout_at(deadline, framed.send(reply)).await,
+                    Ok(Ok(()))
+                ) {
+                    return false;
+                }
+            }
+        }
+    };
+    let reply = Response {
+        id,
+        result: outcome,
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        framed.send(Bytes::from(wire::encode(&reply))),
+    )
+    .await;
+    false
 }
 
 fn error_frame(id: u64, e: WireError) -> Response {

@@ -97,6 +97,11 @@ impl Global {
             None if home.config_file().exists() => Config::load(&home.config_file())?,
             None => Config::default(),
         };
+        // Brokers that require client authentication get the mesh secret from here; one that
+        // cannot be loaded is reported only if a broker asks for it.
+        crate::client::set_default_secret(
+            crate::config::load_client_secret(&config.mesh).map_err(|e| e.to_string()),
+        );
         let broker = match &self.broker {
             Some(b) => b.clone(),
             None if self.config.is_some() || home.config_file().exists() => {

@@ -75,6 +75,16 @@ fn human(s: &StatusView) -> String {
                         humantime::format_duration(Duration::from_millis(ms - ms % 1000))
                             .to_string()
                     }),
+                    match p.encrypted {
+                        Some(true) => "encrypted".into(),
+                        Some(false) => "plain".into(),
+                        None => "-".into(),
+                    },
+                    if p.throttled == 0 {
+                        "0".into()
+                    } else {
+                        format!("{} ({} ms)", p.throttled, p.throttled_ms)
+                    },
                 ]
             })
             .collect();
@@ -87,9 +97,25 @@ fn human(s: &StatusView) -> String {
                 "OUTBOX",
                 "IN FLIGHT",
                 "OLDEST",
+                "LINK",
+                "THROTTLED",
             ],
             &rows,
         ));
+    }
+    if !s.mesh.recent_refusals.is_empty() {
+        out.push_str(&format!(
+            "\nrefused peer links ({} since start; latest last)\n",
+            s.mesh.refusals
+        ));
+        for r in &s.mesh.recent_refusals {
+            out.push_str(&format!(
+                "  {} ago  {}  {}\n",
+                humantime::format_duration(Duration::from_secs(r.age_ms / 1000)),
+                r.addr,
+                r.reason
+            ));
+        }
     }
     out.push_str("\nagents\n");
     if s.agents.is_empty() {

@@ -608,7 +608,9 @@ async fn rename(mesh: &Mesh, args: &Args) -> ToolResult {
 
 async fn share_file(mesh: &Mesh, args: &Args) -> ToolResult {
     let to = args.str("to_id").unwrap_or_default().to_string();
-    let path = std::path::PathBuf::from(args.str("filepath").unwrap_or_default());
+    let raw_path = args.str("filepath").unwrap_or_default();
+    check_share_path(raw_path)?;
+    let path = std::path::PathBuf::from(raw_path);
     let description = args
         .str("description")
         .unwrap_or_default()
@@ -662,7 +664,7 @@ async fn share_file(mesh: &Mesh, args: &Args) -> ToolResult {
             meta.len()
         )));
     }
-    let bytes = tokio::fs::read(&path)
+    let bytes = read_regular_file(&path, &meta, room)
         .await
         .map_err(|e| Failure(format!("{shown} cannot be read: {e}")))?;
     if bytes.len() > room {
@@ -695,6 +697,61 @@ async fn share_file(mesh: &Mesh, args: &Args) -> ToolResult {
             "unread": unread
         }),
     )
+}
+
+/// The longest `filepath` `share_file` accepts, in bytes (Linux's PATH_MAX).
+const SHARE_PATH_MAX: usize = 4096;
+
+/// A path `share_file` may try: not empty, no NUL byte (the OS cannot take one, and it would
+/// cut the path short), at most [`SHARE_PATH_MAX`] bytes.
+fn check_share_path(path: &str) -> Result<(), Failure> {
+    if path.trim().is_empty() {
+        return Err(Failure(
+            "filepath is empty; give the path of the file to share".into(),
+        ));
+    }
+    if path.contains('\0') {
+        return Err(Failure(
+            "filepath contains a NUL character; no file has such a name".into(),
+        ));
+    }
+    if path.len() > SHARE_PATH_MAX {
+        return Err(Failure(format!(
+            "filepath is {} bytes long; paths may be at most {SHARE_PATH_MAX} bytes",
+            path.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads at most `max + 1` bytes of the regular file `path`, which `seen` described. The file
+/// is opened without blocking and checked again once open, so one swapped for a pipe or a
+/// device after the first look is refused instead of read (or waited on for ever).
+async fn read_regular_file(
+    path: &std::path::Path,
+    seen: &std::fs::Metadata,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let (path, dev, ino) = (path.to_path_buf(), seen.dev(), seen.ino());
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)?;
+        let meta = f.metadata()?;
+        if !meta.is_file() || meta.dev() != dev || meta.ino() != ino {
+            return Err(std::io::Error::other(
+                "it changed while it was opened and is no longer the regular file first seen",
+            ));
+        }
+        let mut bytes = Vec::new();
+        f.take(max as u64 + 1).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn mesh_status(mesh: &Mesh) -> ToolResult {
