@@ -107,6 +107,8 @@ impl Connection {
             .map_err(|_| unreachable("no welcome from the broker".into()))?
             .ok_or_else(|| unreachable("closed before the welcome".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
+        connection::msgpack_depth_ok(&first, connection::MAX_MSGPACK_DEPTH)
+            .map_err(|e| unreachable(format!("not an ipc-mesh broker: {e}")))?;
         let welcome: Welcome = match wire::decode(&first) {
             Ok(w) => w,
             Err(_) => {
@@ -190,7 +192,13 @@ impl Connection {
                     _ = reader_closed.cancelled() => None,
                 };
                 let Some(Ok(frame)) = frame else { break };
-                let Ok(resp) = wire::decode::<Response>(&frame) else {
+                // A hostile "broker" must not crash the client with deep nesting either.
+                let shallow =
+                    connection::msgpack_depth_ok(&frame, connection::MAX_MSGPACK_DEPTH).is_ok();
+                let Some(resp) = shallow
+                    .then(|| wire::decode::<Response>(&frame).ok())
+                    .flatten()
+                else {
                     tracing::warn!("undecodable response from broker; closing");
                     break;
                 };
@@ -301,6 +309,8 @@ async fn authenticate(
         .await
         .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))?
         .ok_or(Error::Disconnected)??;
+    connection::msgpack_depth_ok(&frame, connection::MAX_MSGPACK_DEPTH)
+        .map_err(|e| bad(&format!("undecodable answer to auth: {e}")))?;
     let resp: Response = wire::decode(&frame)?;
     match resp.result {
         Ok(Reply::Authenticated { proof })

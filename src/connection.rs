@@ -162,6 +162,85 @@ pub fn keepalive(stream: &TcpStream) {
     }
 }
 
+/// The deepest nesting of arrays and maps a MessagePack frame may have. Requests and replies
+/// nest five levels at most (`data` travels as text); decoding is recursive, and a frame
+/// nested many thousands deep would overflow the stack of whoever decodes it.
+pub const MAX_MSGPACK_DEPTH: usize = 32;
+
+/// Checks, without recursion, that the MessagePack value at the start of `buf` nests no
+/// deeper than `max` arrays and maps. A value cut short is not this check's business (the
+/// decoder reports it); trailing bytes are ignored.
+pub fn msgpack_depth_ok(buf: &[u8], max: usize) -> Result<(), String> {
+    // Elements still to read in each open array or map.
+    let mut open: Vec<u64> = Vec::new();
+    let mut pos = 0usize;
+    let be = |at: usize, n: usize| -> Option<u64> {
+        let b = buf.get(at..at + n)?;
+        Some(b.iter().fold(0u64, |acc, x| (acc << 8) | *x as u64))
+    };
+    loop {
+        let Some(&b) = buf.get(pos) else {
+            return Ok(());
+        };
+        pos += 1;
+        // (elements in a container that opens here, bytes of payload to skip)
+        let (container, skip): (Option<u64>, u64) = match b {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (None, 0),
+            0x80..=0x8f => (Some(2 * (b & 0x0f) as u64), 0),
+            0x90..=0x9f => (Some((b & 0x0f) as u64), 0),
+            0xa0..=0xbf => (None, (b & 0x1f) as u64),
+            0xc1 => return Err("invalid MessagePack marker 0xc1".into()),
+            0xc4 | 0xd9 => (None, 1 + be(pos, 1).unwrap_or(0)),
+            0xc5 | 0xda => (None, 2 + be(pos, 2).unwrap_or(0)),
+            0xc6 | 0xdb => (None, 4 + be(pos, 4).unwrap_or(0)),
+            0xc7 => (None, 2 + be(pos, 1).unwrap_or(0)),
+            0xc8 => (None, 3 + be(pos, 2).unwrap_or(0)),
+            0xc9 => (None, 5 + be(pos, 4).unwrap_or(0)),
+            0xca => (None, 4),
+            0xcb => (None, 8),
+            0xcc | 0xd0 => (None, 1),
+            0xcd | 0xd1 => (None, 2),
+            0xce | 0xd2 => (None, 4),
+            0xcf | 0xd3 => (None, 8),
+            0xd4 => (None, 2),
+            0xd5 => (None, 3),
+            0xd6 => (None, 5),
+            0xd7 => (None, 9),
+            0xd8 => (None, 17),
+            0xdc => (Some(be(pos, 2).unwrap_or(0)), 2),
+            0xdd => (Some(be(pos, 4).unwrap_or(0)), 4),
+            0xde => (Some(2 * be(pos, 2).unwrap_or(0)), 2),
+            0xdf => (Some(2 * be(pos, 4).unwrap_or(0)), 4),
+        };
+        pos = match usize::try_from(skip).ok().and_then(|s| pos.checked_add(s)) {
+            Some(p) if p <= buf.len() => p,
+            _ => return Ok(()),
+        };
+        if let Some(n) = container.filter(|n| *n > 0) {
+            if open.len() >= max {
+                return Err(format!(
+                    "the frame nests arrays and maps deeper than {max} levels"
+                ));
+            }
+            open.push(n);
+            continue;
+        }
+        // One element complete: it may complete the containers around it.
+        loop {
+            match open.last_mut() {
+                None => return Ok(()),
+                Some(left) => {
+                    *left -= 1;
+                    if *left > 0 {
+                        break;
+                    }
+                    open.pop();
+                }
+            }
+        }
+    }
+}
+
 /// Whether an I/O error from the codec means the peer announced a frame over the limit.
 pub fn is_oversized(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::InvalidData && e.to_string().contains("frame size too big")
@@ -199,6 +278,44 @@ mod tests {
         buf.extend_from_slice(b"abc");
         assert_eq!(&codec.decode(&mut buf).unwrap().unwrap()[..], b"abc");
         assert!(partial.since().is_none(), "whole frame: nothing partial");
+    }
+
+    #[test]
+    fn msgpack_nesting_is_measured_without_recursion() {
+        use crate::protocol::{Body, Outgoing, Request};
+        let deepest_request = Request {
+            id: 1,
+            body: Body::Ack {
+                ids: vec!["a:1".into(); 3],
+            },
+        };
+        let send = Request {
+            id: 2,
+            body: Body::Send(Outgoing {
+                to: "x".into(),
+                data: Some("{}".into()),
+                ..Default::default()
+            }),
+        };
+        for r in [deepest_request, send] {
+            let bytes = rmp_serde::to_vec_named(&r).unwrap();
+            assert!(msgpack_depth_ok(&bytes, 5).is_ok(), "{r:?}");
+        }
+        let mut deep = vec![0x91u8; 1_000_000];
+        deep.push(0xc0);
+        assert!(msgpack_depth_ok(&deep, MAX_MSGPACK_DEPTH).is_err());
+        deep.truncate(MAX_MSGPACK_DEPTH);
+        deep.push(0xc0);
+        assert!(msgpack_depth_ok(&deep, MAX_MSGPACK_DEPTH).is_ok());
+        // Maps of maps, and containers announcing more than is there.
+        let maps = [[0x81u8, 0xa1, b'k']; 40].concat();
+        assert!(msgpack_depth_ok(&maps, MAX_MSGPACK_DEPTH).is_err());
+        assert!(msgpack_depth_ok(&[0xdd, 0xff, 0xff, 0xff, 0xff], 4).is_ok());
+        assert!(msgpack_depth_ok(&[0xdb, 0xff, 0xff, 0xff, 0xff, b'a'], 4).is_ok());
+        assert!(msgpack_depth_ok(&[], 4).is_ok());
+        // Siblings do not add up: a long flat array of empty arrays is shallow.
+        let flat = [&[0xdc, 0x03, 0xe8][..], &[0x90; 1000]].concat();
+        assert!(msgpack_depth_ok(&flat, 2).is_ok());
     }
 
     #[test]

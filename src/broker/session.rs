@@ -63,8 +63,10 @@ pub(super) async fn run(
     let conn_id = broker.connection_opened();
     // Old claude-ipc-mcp clients send one JSON object per connection. Tell them, in their
     // own format, what they reached.
+    // One deadline for the whole hello, however it is dribbled.
+    let hello_deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     let mut first = [0u8; 1];
-    if let Ok(Ok(1)) = tokio::time::timeout(HELLO_TIMEOUT, stream.peek(&mut first)).await {
+    if let Ok(Ok(1)) = tokio::time::timeout_at(hello_deadline, stream.peek(&mut first)).await {
         if first[0] == b'{' {
             legacy_refusal(stream).await;
             return;
@@ -73,7 +75,7 @@ pub(super) async fn run(
     let max_frame = broker.config().limits.max_message_bytes + FRAME_OVERHEAD;
     let mut framed = connection::framed(stream, PRE_AUTH_MAX_FRAME);
 
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, framed.next()).await {
+    let hello = match tokio::time::timeout_at(hello_deadline, framed.next()).await {
         Ok(Some(Ok(frame))) => Hello::decode(&frame).map_err(WireError::from),
         Ok(Some(Err(e))) if connection::is_oversized(&e) => Err(WireError::new(
             ErrorKind::Protocol,
@@ -201,6 +203,15 @@ pub(super) async fn run(
             }
             None => break,
         };
+        if let Err(why) = connection::msgpack_depth_ok(&frame, connection::MAX_MSGPACK_DEPTH) {
+            let _ = tx
+                .send(error_frame(
+                    0,
+                    WireError::new(ErrorKind::Protocol, format!("{why}; closing")),
+                ))
+                .await;
+            break;
+        }
         let req: Request = match wire::decode(&frame) {
             Ok(r) => r,
             Err(e) => match wire::decode::<Header>(&frame) {
@@ -338,10 +349,16 @@ async fn authenticate(
                 )
             }
         };
-        let req = match wire::decode::<Request>(&frame) {
+        let decoded = connection::msgpack_depth_ok(&frame, connection::MAX_MSGPACK_DEPTH)
+            .map_err(|e| e.to_string())
+            .and_then(|()| wire::decode::<Request>(&frame).map_err(|e| e.to_string()));
+        let req = match decoded {
             Ok(r) => r,
             Err(_) => {
-                let id = wire::decode::<Header>(&frame).map_or(0, |h| h.id);
+                let id = connection::msgpack_depth_ok(&frame, connection::MAX_MSGPACK_DEPTH)
+                    .ok()
+                    .and_then(|()| wire::decode::<Header>(&frame).ok())
+                    .map_or(0, |h| h.id);
                 break (
                     id,
                     Err(unauthorized(
