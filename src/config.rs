@@ -507,6 +507,56 @@ mod tests {
     }
 
     #[test]
+    fn client_auth_follows_the_listen_address_and_cannot_be_turned_off_beyond_loopback() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        let c = Config::parse("").unwrap();
+        assert!(!c.broker.client_auth_required(lo));
+        assert!(c.broker.client_auth_required(any));
+        let c = Config::parse("[broker]\nrequire_client_auth = true").unwrap();
+        assert!(c.broker.client_auth_required(lo));
+        let e = Config::parse("[broker]\nlisten = \"0.0.0.0:9876\"\nrequire_client_auth = false")
+            .unwrap_err();
+        assert!(e.contains("require_client_auth"), "{e}");
+        let c = Config::parse("[limits]\nframe_timeout = \"5s\"").unwrap();
+        assert_eq!(c.limits.frame_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn files_are_read_within_limits_and_secrets_only_when_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        let e = Config::load(&big).unwrap_err().to_string();
+        assert!(e.contains("limit"), "{e}");
+        let e = Config::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+
+        if std::env::var("IPC_MESH_SECRET").is_ok_and(|v| !v.trim().is_empty()) {
+            // The environment's secret would win over the file under test.
+            eprintln!("IPC_MESH_SECRET is set: the secret file checks cannot run");
+            return;
+        }
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "a secret of more than sixteen bytes\n").unwrap();
+        let mesh = MeshConfig {
+            secret_file: Some(secret.clone()),
+            ..Config::default().mesh
+        };
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load_secret_bytes(&mesh).unwrap_err().to_string();
+            assert!(
+                e.contains("readable by other users") && e.contains("chmod 600"),
+                "{e}"
+            );
+        }
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(load_secret_bytes(&mesh).unwrap().is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let e = Config::parse("[limits]\nretension = \"7d\"").unwrap_err();
         assert!(e.contains("retension"), "{e}");
