@@ -109,6 +109,9 @@ fn scan(
     let mut out = Vec::new();
     let mut bytes = 0usize;
     let mut after: Option<Vec<u8>> = None;
+    // A page no larger than needed: `has_visible_unread` asks for one entry, and every
+    // entry a page holds is a copy out of the engine.
+    let page_size = limit.clamp(1, 256);
     'pages: loop {
         let page = engine.scan(&prefix, after.as_deref(), page_size)?;
         if page.is_empty() {

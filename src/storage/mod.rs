@@ -8,9 +8,11 @@
 
 mod memory;
 mod sled;
+mod staged;
 
 pub use self::memory::MemoryEngine;
-pub use self::sled::SledEngine;
+pub use self::sled::{SledEngine, SledTree};
+pub use self::staged::Staged;
 
 use crate::error::Result;
 
@@ -187,6 +189,79 @@ mod tests {
     #[test]
     fn memory_engine_meets_the_contract() {
         exercise(&MemoryEngine::new());
+    }
+
+    #[test]
+    fn staged_engine_meets_the_contract_before_and_after_flushes() {
+        exercise(&Staged::new(MemoryEngine::new()));
+        // The same, with the first writes already beneath when the rest are staged.
+        let e = Staged::new(MemoryEngine::new());
+        let mut b = Batch::new();
+        b.put(b"a1".to_vec(), b"old".to_vec());
+        b.put(b"a9".to_vec(), b"gone".to_vec());
+        e.apply(b).unwrap();
+        e.flush().unwrap();
+        let mut b = Batch::new();
+        b.delete(b"a9".to_vec());
+        e.apply(b).unwrap();
+        exercise(&e);
+    }
+
+    #[test]
+    fn staged_writes_are_read_before_they_reach_the_engine_beneath() {
+        let e = Staged::new(MemoryEngine::new());
+        let mut b = Batch::new();
+        for i in [1u8, 3, 5, 7] {
+            b.put(vec![b'a', i], vec![i]);
+        }
+        e.apply(b).unwrap();
+        e.flush().unwrap();
+        assert_eq!(e.staged(), 0);
+        let mut b = Batch::new();
+        b.put(vec![b'a', 2], vec![2]);
+        b.delete(vec![b'a', 3]);
+        b.put(vec![b'a', 5], vec![50]);
+        b.put(vec![b'a', 8], vec![8]);
+        b.put(vec![b'b', 0], vec![0]);
+        e.apply(b).unwrap();
+        assert_eq!(e.staged(), 5);
+        let want: Vec<(Vec<u8>, Vec<u8>)> = [(1u8, 1u8), (2, 2), (5, 50), (7, 7), (8, 8)]
+            .iter()
+            .map(|(k, v)| (vec![b'a', *k], vec![*v]))
+            .collect();
+        assert_eq!(e.scan(b"a", None, usize::MAX).unwrap(), want);
+        assert_eq!(e.scan(b"a", None, 2).unwrap(), want[..2]);
+        assert_eq!(e.scan(b"a", Some(&[b'a', 2]), 2).unwrap(), want[2..4]);
+        assert_eq!(e.get(&[b'a', 3]).unwrap(), None);
+        assert_eq!(e.get(&[b'a', 5]).unwrap(), Some(vec![50]));
+        // After the flush the engine beneath holds exactly the same.
+        e.flush().unwrap();
+        assert_eq!(e.staged(), 0);
+        assert_eq!(e.scan(b"a", None, usize::MAX).unwrap(), want);
+        assert_eq!(e.get(&[b'a', 3]).unwrap(), None);
+    }
+
+    #[test]
+    fn a_scan_pages_past_many_staged_deletes() {
+        let e = Staged::new(MemoryEngine::new());
+        let mut b = Batch::new();
+        for i in 0u16..3000 {
+            b.put([b"u".as_slice(), &i.to_be_bytes()].concat(), vec![1]);
+        }
+        e.apply(b).unwrap();
+        e.flush().unwrap();
+        let mut b = Batch::new();
+        for i in 0u16..2990 {
+            b.delete([b"u".as_slice(), &i.to_be_bytes()].concat());
+        }
+        e.apply(b).unwrap();
+        let left = e.scan(b"u", None, 5).unwrap();
+        assert_eq!(left.len(), 5);
+        assert_eq!(
+            left[0].0,
+            [b"u".as_slice(), &2990u16.to_be_bytes()].concat()
+        );
+        assert_eq!(e.scan(b"u", None, usize::MAX).unwrap().len(), 10);
     }
 
     #[test]

@@ -1,19 +1,36 @@
-//! The real engine: one sled tree.
+//! The real engine: one sled tree, with writes grouped per flush ([`super::Staged`]).
 
 use std::path::Path;
 
-use super::{Batch, Engine, Op};
+use super::{Batch, Engine, Op, Staged};
 use crate::error::{Error, Result};
 
-pub struct SledEngine {
+/// sled's page cache, in bytes. sled's default is 1 GiB, which a broker holding a large
+/// backlog (a dead peer's outbox, an absent agent's inbox) would fill: the backlog lives on
+/// disk, and this bounds what of it stays in memory.
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The broker's engine: sled beneath, batches grouped into one sled batch per flush.
+pub type SledEngine = Staged<SledTree>;
+
+/// One sled tree, each batch applied as it comes.
+pub struct SledTree {
     db: ::sled::Db,
 }
 
-impl SledEngine {
+impl Staged<SledTree> {
+    /// Opens (or creates) the database in `dir`. Fails if another process has it open.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Ok(Staged::new(SledTree::open(dir)?))
+    }
+}
+
+impl SledTree {
     /// Opens (or creates) the database in `dir`. Fails if another process has it open.
     pub fn open(dir: &Path) -> Result<Self> {
         let db = ::sled::Config::new()
             .path(dir)
+            .cache_capacity(CACHE_BYTES)
             // Flushes are ours to order (group commit); sled's timer would only add fsyncs.
             .flush_every_ms(None)
             .open()
@@ -26,7 +43,7 @@ impl SledEngine {
                 }
                 other => Error::Storage(format!("cannot open {}: {other}", dir.display())),
             })?;
-        Ok(SledEngine { db })
+        Ok(SledTree { db })
     }
 }
 
@@ -34,7 +51,7 @@ fn storage(e: ::sled::Error) -> Error {
     Error::Storage(e.to_string())
 }
 
-impl Engine for SledEngine {
+impl Engine for SledTree {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get(key).map_err(storage)?.map(|v| v.to_vec()))
     }
