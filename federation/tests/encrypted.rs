@@ -492,6 +492,49 @@ async fn a_replayed_handshake_is_refused(kind: Kind) {
     net.stop().await;
 }
 
+/// A peer over its inbound frame rate is read more slowly, not cut off: everything it sent
+/// arrives, the link stays up, and the pauses are counted.
+async fn an_inbound_limit_slows_reading_and_loses_nothing(kind: Kind) {
+    let mut net = Net::new(kind);
+    let limited = LinkConfig {
+        limit: federation::link::InboundLimit {
+            bytes_per_sec: 0,
+            frames_per_sec: 40,
+        },
+        ..encrypted()
+    };
+    let a = net.add(&[], Some(secret(SECRET)), limited).await;
+    let b = net.add(&[a], Some(secret(SECRET)), encrypted()).await;
+    net.until(Duration::from_secs(10), "link up", |n| {
+        n.up(a) == 1 && n.up(b) == 1
+    })
+    .await;
+    let closed_before = net.brokers[a].handle.snapshot().stats.links_closed;
+    for i in 0..120 {
+        net.brokers[b].handle.local(Event::AgentChanged {
+            name: format!("agent-{i}"),
+            token_hash: vec![1],
+            incarnation: 1,
+            online: true,
+            last_seen_ms: driver::now_ms(),
+        });
+    }
+    net.until(Duration::from_secs(20), "every registration arrived", |n| {
+        (0..120).all(|i| n.brokers[a].handle.lookup(&format!("agent-{i}")).is_some())
+    })
+    .await;
+    let snap = net.brokers[a].handle.snapshot();
+    let link = &snap.links[0].1;
+    assert!(link.throttled > 0, "{kind:?}: the reader paused ({link:?})");
+    assert!(link.throttled_ms > 0);
+    assert_eq!(
+        snap.stats.links_closed, closed_before,
+        "{kind:?}: the link stayed up"
+    );
+    assert_eq!(net.up(a), 1);
+    net.stop().await;
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod tcp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Tcp).await } )* }
@@ -505,5 +548,6 @@ both!(
     a_wrong_secret_is_refused,
     a_peer_without_the_secret_is_refused,
     a_plaintext_downgrade_is_refused,
-    a_replayed_handshake_is_refused
+    a_replayed_handshake_is_refused,
+    an_inbound_limit_slows_reading_and_loses_nothing
 );

@@ -48,8 +48,9 @@ pub type Metrics = Vec<(&'static str, f64)>;
 /// Where a scenario measures.
 #[derive(Clone, Debug)]
 pub enum Target {
-    /// Start `brokers` broker processes for each run, and stop them after.
-    Local { brokers: usize },
+    /// Start `brokers` broker processes for each run, and stop them after. `encrypt`: the
+    /// brokers share a mesh secret and encrypt every peer link (loopback too).
+    Local { brokers: usize, encrypt: bool },
     /// A running broker; nothing is started or stopped.
     External { addr: String },
 }
@@ -58,7 +59,7 @@ impl Target {
     /// How many brokers the scenario spans.
     pub fn brokers(&self) -> usize {
         match self {
-            Target::Local { brokers } => *brokers,
+            Target::Local { brokers, .. } => *brokers,
             Target::External { .. } => 1,
         }
     }
@@ -83,9 +84,14 @@ impl Brokers {
                 recv_addr: addr.clone(),
                 mesh: None,
             }),
-            Target::Local { brokers } => {
+            Target::Local { brokers, encrypt } => {
                 check_brokers(*brokers)?;
-                let mesh = spawn::LocalMesh::start(*brokers).await?;
+                let links = if *encrypt {
+                    spawn::Links::Encrypted
+                } else {
+                    spawn::Links::Plain
+                };
+                let mesh = spawn::LocalMesh::start_with(*brokers, spawn::Seeds::All, links).await?;
                 if mesh.len() > 1 {
                     let addrs: Vec<String> =
                         (0..mesh.len()).map(|i| mesh.addr(i).to_string()).collect();

@@ -45,6 +45,17 @@ pub enum Seeds {
     First,
 }
 
+/// How the bench's brokers link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Links {
+    /// No mesh secret: plaintext links (the default for loopback brokers).
+    #[default]
+    Plain,
+    /// A fresh random mesh secret in a 0600 file, and `encrypt = "always"`: every peer link
+    /// is encrypted although the brokers are on loopback.
+    Encrypted,
+}
+
 /// Brokers started by the bench. Dropping it stops them and removes their homes.
 pub struct LocalMesh {
     children: Vec<Child>,
@@ -62,6 +73,11 @@ impl LocalMesh {
 
     /// [`LocalMesh::start`] with the peers each broker is given chosen by `seeds`.
     pub async fn start_seeded(n: usize, seeds: Seeds) -> anyhow::Result<LocalMesh> {
+        LocalMesh::start_with(n, seeds, Links::Plain).await
+    }
+
+    /// [`LocalMesh::start_seeded`], with the links chosen by `links`.
+    pub async fn start_with(n: usize, seeds: Seeds, links: Links) -> anyhow::Result<LocalMesh> {
         let root = tempfile::Builder::new()
             .prefix("ipc-mesh-bench-")
             .tempdir()
@@ -79,6 +95,10 @@ impl LocalMesh {
             homes: Vec::with_capacity(n),
             root: None,
         };
+        let secret_file = match links {
+            Links::Plain => None,
+            Links::Encrypted => Some(write_secret(root.path())?),
+        };
         for (i, port) in ports.iter().enumerate() {
             let home = root.path().join(format!("broker{i}"));
             fs::create_dir_all(&home)?;
@@ -89,7 +109,7 @@ impl LocalMesh {
             };
             fs::write(
                 home.join("mesh.toml"),
-                config_text(&addrs[i], *port, &peers),
+                config_text(&addrs[i], *port, &peers, secret_file.as_deref()),
             )?;
             mesh.homes.push(home);
         }
@@ -199,16 +219,37 @@ impl Drop for LocalMesh {
     }
 }
 
-fn config_text(listen: &str, port: u16, peers: &[&String]) -> String {
+fn config_text(listen: &str, port: u16, peers: &[&String], secret: Option<&Path>) -> String {
     let peers: Vec<String> = peers.iter().map(|p| format!("{p:?}")).collect();
+    let links = match secret {
+        Some(path) => format!("secret_file = {:?}\nencrypt = \"always\"\n", path),
+        None => String::new(),
+    };
     format!(
         "# Written by `ipc-mesh bench`; removed with this directory.\n\
          [broker]\nlisten = \"{listen}\"\n\
-         [mesh]\npeers = [{}]\nsibling_ports = \"{port}-{port}\"\n\
+         [mesh]\npeers = [{}]\nsibling_ports = \"{port}-{port}\"\n{links}\
          [limits]\nrate_per_sec = 0\ninbox_max = {BENCH_INBOX_MAX}\n\
          outbox_max = {BENCH_OUTBOX_MAX}\n",
         peers.join(", ")
     )
+}
+
+/// A fresh random mesh secret in `dir/secret`, readable by its owner only.
+fn write_secret(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = dir.join("secret");
+    let secret: [u8; 32] = rand::random();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .context("cannot write the bench's mesh secret")?;
+    f.write_all(hex::encode(secret).as_bytes())?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    Ok(path)
 }
 
 fn spawn_broker(exe: &Path, home: &Path, addr: &str) -> anyhow::Result<Child> {
@@ -280,12 +321,24 @@ mod tests {
     #[test]
     fn config_parses_and_turns_the_limits_off() {
         let peer = "127.0.0.1:2".to_string();
-        let text = config_text("127.0.0.1:1", 1, &[&peer]);
+        let text = config_text("127.0.0.1:1", 1, &[&peer], None);
         let c = crate::config::Config::parse(&text).unwrap();
         assert_eq!(c.limits.rate_per_sec, 0);
         assert_eq!(c.limits.inbox_max, BENCH_INBOX_MAX);
         assert_eq!(c.limits.outbox_max, BENCH_OUTBOX_MAX);
         assert_eq!(c.mesh.peers, vec![peer]);
         assert_eq!(c.mesh.sibling_ports, (1, 1));
+        assert!(c.mesh.secret_file.is_none());
+    }
+
+    #[test]
+    fn encrypted_config_names_the_secret_and_always_encrypts() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = write_secret(dir.path()).unwrap();
+        let text = config_text("127.0.0.1:1", 1, &[], Some(&secret));
+        let c = crate::config::Config::parse(&text).unwrap();
+        assert_eq!(c.mesh.encrypt, federation::link::Encrypt::Always);
+        let s = crate::config::load_secret(&c.mesh).unwrap().unwrap();
+        assert_eq!(s.len(), 1);
     }
 }

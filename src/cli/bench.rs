@@ -61,6 +61,9 @@ pub struct ThroughputArgs {
     /// Sends in flight per sender
     #[arg(long, default_value_t = 256)]
     pub window: usize,
+    /// Give the bench's brokers a mesh secret and encrypted peer links (loopback too)
+    #[arg(long)]
+    pub encrypt: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -79,6 +82,9 @@ pub struct LatencyArgs {
     /// Content bytes per message
     #[arg(long, default_value_t = 200)]
     pub size: usize,
+    /// Give the bench's brokers a mesh secret and encrypted peer links (loopback too)
+    #[arg(long)]
+    pub encrypt: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -130,8 +136,12 @@ pub struct DrainArgs {
 
 /// Runs a scenario `--runs` times, stopping early (with clean-up) on Ctrl-C or SIGTERM.
 pub async fn run(ctx: Ctx, cmd: BenchCommand, explicit_broker: bool) -> anyhow::Result<ExitCode> {
-    let target = |brokers: usize| -> anyhow::Result<Target> {
+    let target = |brokers: usize, encrypt: bool| -> anyhow::Result<Target> {
         if explicit_broker {
+            anyhow::ensure!(
+                !encrypt,
+                "--encrypt with --broker: the running broker's own config decides its links"
+            );
             anyhow::ensure!(
                 brokers == 1,
                 "--brokers {brokers} with --broker: name one running broker, or leave out --broker to let the bench start its own"
@@ -141,12 +151,12 @@ pub async fn run(ctx: Ctx, cmd: BenchCommand, explicit_broker: bool) -> anyhow::
             })
         } else {
             bench::check_brokers(brokers)?;
-            Ok(Target::Local { brokers })
+            Ok(Target::Local { brokers, encrypt })
         }
     };
     let (title, common, summary) = match cmd {
         BenchCommand::Throughput(a) => {
-            let t = target(a.brokers)?;
+            let t = target(a.brokers, a.encrypt)?;
             let p = throughput::Params {
                 senders: a.senders,
                 recipients: a.recipients,
@@ -158,7 +168,7 @@ pub async fn run(ctx: Ctx, cmd: BenchCommand, explicit_broker: bool) -> anyhow::
             ("throughput", a.common, s)
         }
         BenchCommand::Latency(a) => {
-            let t = target(a.brokers)?;
+            let t = target(a.brokers, a.encrypt)?;
             let p = latency::Params {
                 rate: a.rate,
                 duration: a.duration,

@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy for tests: forwards to a target, and can cut every connection
 //! (now and until healed), refuse connections from given source IPs, hold one direction of the
 //! connections from an IP (a one-way cut: bytes wait, as TCP would keep retransmitting them),
-//! and delay every chunk it forwards.
+//! delay every chunk it forwards, and record every byte it forwards (per connection and
+//! direction, once `record` is called), as an eavesdropper on the wire would see them.
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
@@ -31,6 +32,28 @@ struct State {
     blocked: Mutex<HashSet<IpAddr>>,
     held: Mutex<HashSet<(IpAddr, Dir)>>,
     open: Mutex<Vec<Conn>>,
+    recording: AtomicBool,
+    /// Per connection, in accept order: the bytes forwarded up and down.
+    tapes: Mutex<Vec<Arc<Tape>>>,
+}
+
+/// What one connection carried while recording.
+#[derive(Default)]
+pub struct Tape {
+    up: Mutex<Vec<u8>>,
+    down: Mutex<Vec<u8>>,
+}
+
+impl Tape {
+    fn push(&self, dir: Dir, bytes: &[u8]) {
+        match dir {
+            Dir::Up => &self.up,
+            Dir::Down => &self.down,
+        }
+        .lock()
+        .unwrap()
+        .extend_from_slice(bytes);
+    }
 }
 
 struct Conn {
@@ -58,6 +81,8 @@ impl Proxy {
             blocked: Mutex::new(HashSet::new()),
             held: Mutex::new(HashSet::new()),
             open: Mutex::new(Vec::new()),
+            recording: AtomicBool::new(false),
+            tapes: Mutex::new(Vec::new()),
         });
         let (st, target) = (state.clone(), target.to_string());
         std::thread::spawn(move || {
@@ -82,14 +107,20 @@ impl Proxy {
                             a: client.try_clone().unwrap(),
                             b: server.try_clone().unwrap(),
                         });
+                        let tape = st.recording.load(Ordering::SeqCst).then(|| {
+                            let t = Arc::new(Tape::default());
+                            st.tapes.lock().unwrap().push(t.clone());
+                            t
+                        });
                         pipe(
                             st.clone(),
                             from.ip(),
                             Dir::Up,
                             client.try_clone().unwrap(),
                             server.try_clone().unwrap(),
+                            tape.clone(),
                         );
-                        pipe(st.clone(), from.ip(), Dir::Down, server, client);
+                        pipe(st.clone(), from.ip(), Dir::Down, server, client, tape);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -142,6 +173,30 @@ impl Proxy {
             .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Records every byte of the connections accepted from now on.
+    pub fn record(&self) {
+        self.state.recording.store(true, Ordering::SeqCst);
+    }
+
+    /// What each recorded connection carried so far, in accept order: (up, down).
+    pub fn recordings(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.state
+            .tapes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| (t.up.lock().unwrap().clone(), t.down.lock().unwrap().clone()))
+            .collect()
+    }
+
+    /// Every byte recorded, all connections and both directions.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.recordings()
+            .into_iter()
+            .flat_map(|(up, down)| up.into_iter().chain(down))
+            .collect()
+    }
+
     fn drop_connections(&self, which: impl Fn(&Conn) -> bool) {
         self.state.open.lock().unwrap().retain(|c| {
             if which(c) {
@@ -162,7 +217,14 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(st: Arc<State>, from_ip: IpAddr, dir: Dir, mut from: TcpStream, mut to: TcpStream) {
+fn pipe(
+    st: Arc<State>,
+    from_ip: IpAddr,
+    dir: Dir,
+    mut from: TcpStream,
+    mut to: TcpStream,
+    tape: Option<Arc<Tape>>,
+) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 64 * 1024];
         loop {
@@ -173,6 +235,9 @@ fn pipe(st: Arc<State>, from_ip: IpAddr, dir: Dir, mut from: TcpStream, mut to: 
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    if let Some(t) = &tape {
+                        t.push(dir, &buf[..n]);
+                    }
                     let delay = st.delay_ms.load(Ordering::SeqCst);
                     if delay > 0 {
                         std::thread::sleep(Duration::from_millis(delay));
