@@ -946,6 +946,51 @@ impl Args {
 mod tests {
     use super::*;
 
+    #[test]
+    fn share_paths_are_checked_before_the_file_system_sees_them() {
+        let why = |p: &str| check_share_path(p).unwrap_err().0;
+        assert!(why("").contains("empty"));
+        assert!(why("a\0b").contains("NUL"));
+        assert!(why(&"a/".repeat(3000)).contains("at most 4096"));
+        assert!(check_share_path("notes.txt").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_file_swapped_for_a_pipe_or_another_file_is_not_read() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
+        std::fs::write(&path, "hello").unwrap();
+        let seen = std::fs::metadata(&path).unwrap();
+        // Keeps the inode in use, so no replacement below can be given the same number.
+        std::fs::hard_link(&path, dir.path().join("keep")).unwrap();
+        assert_eq!(
+            read_regular_file(&path, &seen, 100).await.unwrap(),
+            b"hello"
+        );
+        // At most one byte over the room is read.
+        assert_eq!(read_regular_file(&path, &seen, 2).await.unwrap().len(), 3);
+
+        // Replaced by a pipe after the first look: refused at once, not waited on.
+        std::fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            read_regular_file(&path, &seen, 100),
+        )
+        .await
+        .expect("a pipe must not block the read");
+        assert!(r.is_err());
+
+        // Replaced by another regular file: a different inode, refused too.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "other").unwrap();
+        let e = read_regular_file(&path, &seen, 100).await.unwrap_err();
+        assert!(e.to_string().contains("changed"), "{e}");
+    }
+
     fn check(tool: &str, args: Value) -> Result<(), String> {
         let spec = specs().iter().find(|s| s.name == tool).unwrap();
         let Value::Object(m) = args else { panic!() };
