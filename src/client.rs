@@ -465,6 +465,13 @@ impl Client {
     pub async fn connect_nearest(candidates: &Candidates) -> Result<Client> {
         let ranked = candidates.rank().await;
         let Some((first, _)) = ranked.first() else {
+            // A broker that refused us (it wants a secret we lack, or it is full) does not
+            // rank; its reason beats "no broker answered".
+            for addr in &candidates.local {
+                if let Err(e @ Error::Remote(_)) = Connection::connect(addr).await {
+                    return Err(e);
+                }
+            }
             return Err(Error::Unreachable {
                 addr: candidates.all().join(", "),
                 reason: "no broker answered; start one with `ipc-mesh broker`".into(),

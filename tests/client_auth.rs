@@ -175,6 +175,25 @@ async fn without_credentials_a_client_gets_nothing_but_unauthorized() {
     assert!(err.contains("IPC_MESH_SECRET"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
+    // Attaching to the nearest broker (no --broker): the refusal, not "no broker answered".
+    let near = temp_home();
+    std::fs::write(
+        near.path().join("mesh.toml"),
+        format!("[broker]\nlisten = \"{addr}\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--home")
+        .arg(near.path())
+        .arg("list")
+        .env_remove("IPC_MESH_SECRET")
+        .env_remove("IPC_MESH_BROKER")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("requires clients to prove"), "{err}");
+
     // A monitor without the secret still learns the broker is up.
     let (out, _h) = cli_with(&addr, None, &["health"]);
     assert!(out.status.success(), "health: {out:?}");
