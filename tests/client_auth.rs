@@ -436,3 +436,86 @@ async fn beyond_loopback_authentication_is_on_by_itself_even_for_local_connectio
     let _ = child.wait();
     result
 }
+
+/// `ipc-mesh mcp` over stdio, newline-delimited JSON-RPC: initializes, makes one tool call,
+/// returns its result (or panics after 20 s).
+fn mcp_tool_call(
+    addr: &str,
+    secret: Option<&str>,
+    agent: &str,
+    tool: &str,
+    args: serde_json::Value,
+) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let home = temp_home();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--home")
+        .arg(home.path())
+        .args(["--broker", addr, "mcp", "--agent", agent])
+        .env_remove("IPC_MESH_SECRET")
+        .env_remove("IPC_MESH_HOME")
+        .env_remove("IPC_MESH_AGENT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(s) = secret {
+        cmd.env("IPC_MESH_SECRET", s);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let mut say = |v: serde_json::Value| {
+        writeln!(stdin, "{v}").unwrap();
+        stdin.flush().unwrap();
+    };
+    say(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "client_auth", "version": "0"}}}),
+    );
+    say(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    say(
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": tool, "arguments": args}}),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let result = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = rx
+            .recv_timeout(left)
+            .expect("no answer to the tool call within 20 s");
+        if v["id"] == 2 {
+            break v;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+#[test]
+fn the_mcp_server_proves_the_secret_from_the_environment() {
+    let addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let home = auth_home(&addr);
+    let _b = BrokerProc::start(home.path(), &addr);
+
+    let args = serde_json::json!({"to_id": "bob", "content": "via mcp", "hold": true});
+    let r = mcp_tool_call(&addr, Some(SECRET), "alice", "send", args.clone());
+    assert_eq!(r["result"]["isError"], false, "{r}");
+
+    // Without the secret the tool says why instead of sending.
+    let r = mcp_tool_call(&addr, None, "carol", "send", args);
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert!(r.to_string().contains("IPC_MESH_SECRET"), "{r}");
+}
