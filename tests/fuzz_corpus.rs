@@ -217,6 +217,16 @@ fn requests() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("status", req(16, Body::Status)),
         (
+            "auth",
+            req(
+                18,
+                Body::Auth {
+                    client_nonce: "00112233445566778899aabbccddeeff".into(),
+                    proof: "ab".repeat(32),
+                },
+            ),
+        ),
+        (
             "unknown-body",
             wire::encode(&Unknown {
                 id: 17,
@@ -338,6 +348,13 @@ fn frames() -> Vec<(&'static str, Vec<u8>)> {
     for (_, m) in peer_msgs() {
         peer_link.extend(framed(&wire::encode(&m)));
     }
+    // An encrypted peer link's opening: the hello, then a genuine first Noise message.
+    let secret = federation::auth::Secret::new(harness::SECRET.to_vec()).expect("secret");
+    let enc_hello = Hello::encrypted_peer().encode();
+    let (_, first) = federation::noise::Initiator::start(&secret, &enc_hello);
+    let mut encrypted = vec![0xff];
+    encrypted.extend(framed(&enc_hello));
+    encrypted.extend(framed(&first));
     let mut wrong_version = Hello::new(Role::Client).encode();
     wrong_version[5] = 2;
     let mut oversized = vec![0xff];
@@ -354,6 +371,7 @@ fn frames() -> Vec<(&'static str, Vec<u8>)> {
         ("client-session", session(0xff)),
         ("client-session-bytewise", session(0)),
         ("peer-link", peer_link),
+        ("peer-link-encrypted", encrypted),
         ("legacy-json", b"\xff{\"action\":\"register\"}".to_vec()),
         (
             "bad-magic",
@@ -402,7 +420,10 @@ fn node_scripts() -> Vec<(&'static str, Script)> {
         .receive(0, &PeerMsg::Pong { t: 1 })
         .op(Op::Close, &[0])
         .op(Op::Tick, &[10])
-        .op(Op::DialFail, &[0]);
+        .op(Op::DialFail, &[0])
+        .op(Op::Tick, &[200])
+        .op(Op::LinkRefused, &[1])
+        .op(Op::LinkRefused, &[0]);
     let violation = Script::default()
         .op(Op::Accept, &[2])
         .receive(0, &PeerMsg::Ready)

@@ -139,9 +139,17 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(value).expect("encoding a wire type cannot fail")
 }
 
+/// The deepest nesting of arrays and maps (and extensions) [`decode`] follows. Our types nest
+/// about ten levels at most (a `Deliver` of envelopes of messages); decoding recurses once per
+/// level, and the decoder's own limit (1,024) is deeper than a 2 MiB tokio worker stack goes
+/// in a debug build, so a hostile frame could abort the process.
+pub const MAX_DEPTH: usize = 32;
+
 /// Decodes a frame body; the error says what could not be read.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
-    rmp_serde::from_slice(body).map_err(|e| Error::Invalid(format!("undecodable frame: {e}")))
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de).map_err(|e| Error::Invalid(format!("undecodable frame: {e}")))
 }
 
 #[cfg(test)]
@@ -192,5 +200,32 @@ mod tests {
     #[test]
     fn garbage_bodies_do_not_decode() {
         assert!(decode::<Vec<String>>(&[0xc1, 0xff, 0x00]).is_err());
+    }
+
+    /// Found while writing the peer-message fuzz target: a peer frame nesting arrays 1,000
+    /// deep inside an unknown field overflowed a 2 MiB stack (a tokio worker's) in a debug
+    /// build. On a plaintext link the driver decodes the first peer frame before the handshake
+    /// has proved anything (seed: fuzz/seeds/peer/crash-deep-nesting).
+    #[test]
+    fn deeply_nested_peer_frame_is_refused_without_overflowing() {
+        use crate::proto::PeerMsg;
+        // {"Ping": {"t": 1, "x": [[[ … nil … ]]]}}
+        let frame = |depth: usize| {
+            let mut v = vec![
+                0x81, 0xa4, b'P', b'i', b'n', b'g', 0x82, 0xa1, b't', 1, 0xa1, b'x',
+            ];
+            v.extend(std::iter::repeat_n(0x91, depth));
+            v.push(0xc0);
+            v
+        };
+        let shallow = frame(MAX_DEPTH - 3);
+        assert_eq!(decode::<PeerMsg>(&shallow).unwrap(), PeerMsg::Ping { t: 1 });
+        let deep = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || decode::<PeerMsg>(&frame(100_000)).map(|_| ()))
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert!(deep.unwrap_err().to_string().contains("depth"), "refused");
     }
 }

@@ -21,12 +21,15 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use federation::auth::Secret;
 use federation::delivery::Envelope;
 use federation::message::MessageKind;
 use federation::node::{Action, ConnId, Event, Node, NodeConfig, Timing};
+use federation::noise;
 use federation::proto::PeerMsg;
 use federation::wire::{self, Hello, Role};
 use federation::{AgentName, BrokerId, Dot, Message};
+use ipc_mesh::auth::{self, ClientSecret, Side};
 use ipc_mesh::config::{defaults, Config};
 use ipc_mesh::connection::{self, FrameCodec, FRAME_OVERHEAD};
 use ipc_mesh::protocol::{Body, Request};
@@ -42,6 +45,62 @@ struct Header {
     id: u64,
 }
 
+/// The largest frame the session accepts before the hello (and, where the broker requires it,
+/// client authentication); `PRE_AUTH_MAX_FRAME` in `src/broker/session.rs`.
+pub const PRE_AUTH_MAX_FRAME: usize = 4096;
+
+/// The mesh secret of the harnesses' brokers (the seeds' encrypted handshakes use it).
+pub const SECRET: &[u8] = b"the fuzzing mesh secret, 16+ bytes";
+
+/// Where a connection is, as the session and the link driver see it.
+enum Conn {
+    AwaitHello,
+    Client,
+    /// A plaintext peer link: every frame a [`PeerMsg`].
+    Peer,
+    /// An encrypted peer link (after this hello): the next frame is the Noise handshake.
+    Noise([u8; wire::HELLO_LEN]),
+}
+
+impl Conn {
+    /// Handles one whole frame; false when the broker would close the connection.
+    fn next(&mut self, codec: &mut FrameCodec, f: &[u8]) -> bool {
+        match self {
+            Conn::AwaitHello => {
+                let Ok(hello) = Hello::decode(f) else {
+                    return false;
+                };
+                assert_eq!(&hello.encode()[..], f, "a hello re-encodes to itself");
+                *self = match (hello.role, hello.encrypted) {
+                    (Role::Client, _) => Conn::Client,
+                    (Role::Peer, false) => Conn::Peer,
+                    (Role::Peer, true) => Conn::Noise(hello.encode()),
+                };
+                codec.set_max_in(match self {
+                    Conn::Noise(_) => noise::MAX_MESSAGE,
+                    _ => MAX_IN,
+                });
+                true
+            }
+            // The session closes the connection on a body it cannot even find an id in.
+            Conn::Client => request(f),
+            // The driver closes a link on an undecodable frame.
+            Conn::Peer => peer(f),
+            Conn::Noise(hello) => {
+                let secret = Secret::new(SECRET.to_vec()).expect("a long enough secret");
+                if let Ok((cipher, answer)) = noise::respond(&secret, &hello[..], f) {
+                    assert_eq!(answer.len(), 1 + 32 + 16, "an answer is index, key, tag");
+                    // What follows is sealed with keys from our fresh ephemeral key: no input
+                    // can be opened, so the link ends here for the fuzzer.
+                    let (_, mut opener) = cipher.split(MAX_IN);
+                    let _ = opener.open(f);
+                }
+                false
+            }
+        }
+    }
+}
+
 /// A connection's bytes. The first input byte picks the size of the chunks the rest arrives
 /// in (1–256 bytes), so partial frames and frame heads split across reads are exercised.
 pub fn frame(data: &[u8]) {
@@ -53,23 +112,35 @@ pub fn frame(data: &[u8]) {
         return;
     }
     let chunk = usize::from(chunk) + 1;
-    let mut codec = FrameCodec::new(MAX_IN, connection::CLIENT_MAX_FRAME);
+    let mut codec = FrameCodec::new(PRE_AUTH_MAX_FRAME, connection::CLIENT_MAX_FRAME);
+    let partial = codec.partial();
+    let mut conn = Conn::AwaitHello;
     let mut buf = BytesMut::new();
-    let mut frames: Vec<BytesMut> = Vec::new();
-    // Bytes up to the end of the last whole frame (the codec may hold a frame's head).
+    // Bytes fed, and up to the end of the last whole frame (the codec may hold a frame's head).
     let (mut fed, mut consumed) = (0usize, 0usize);
-    let mut failed = false;
+    let mut again = BytesMut::new();
     'read: for piece in stream.chunks(chunk) {
         buf.extend_from_slice(piece);
         fed += piece.len();
         loop {
             match codec.decode(&mut buf) {
                 Ok(Some(f)) => {
-                    assert!(f.len() <= MAX_IN, "a frame over the limit was let through");
+                    assert!(partial.since().is_none(), "a whole frame is not partial");
                     consumed = fed - buf.len();
-                    frames.push(f);
+                    // The frame re-encodes to exactly the bytes it came from.
+                    codec
+                        .encode(Bytes::copy_from_slice(&f), &mut again)
+                        .expect("a decoded frame re-encodes");
+                    if !conn.next(&mut codec, &f) {
+                        break 'read;
+                    }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if !buf.is_empty() {
+                        assert!(partial.since().is_some(), "bytes waiting: a partial frame");
+                    }
+                    break;
+                }
                 Err(e) => {
                     // The only error of the length codec: a length over the limit. The broker
                     // tells it apart by `is_oversized`, which must therefore recognise it.
@@ -77,60 +148,21 @@ pub fn frame(data: &[u8]) {
                         connection::is_oversized(&e),
                         "unrecognised codec error: {e}"
                     );
-                    failed = true;
                     break 'read;
                 }
             }
         }
     }
-    if !failed {
-        // What was left is a partial frame; at the end of the stream it is an error, not a
-        // frame.
-        if let Ok(Some(f)) = codec.decode_eof(&mut buf) {
-            panic!("decode_eof produced a frame of {} bytes", f.len());
-        }
-    }
-    // The frames re-encode to exactly the bytes they came from.
-    let mut again = BytesMut::new();
-    for f in &frames {
-        codec
-            .encode(Bytes::copy_from_slice(f), &mut again)
-            .expect("a decoded frame re-encodes");
-    }
     assert_eq!(&again[..], &stream[..consumed]);
-
-    let mut frames = frames.into_iter();
-    let Some(first) = frames.next() else { return };
-    let hello = match Hello::decode(&first) {
-        Ok(h) => h,
-        Err(_) => return,
-    };
-    assert_eq!(
-        &hello.encode()[..],
-        &first[..],
-        "a hello re-encodes to itself"
-    );
-    for f in frames {
-        match hello.role {
-            Role::Client => {
-                // The session closes the connection on a body it cannot even find an id in.
-                if !request(&f) {
-                    return;
-                }
-            }
-            Role::Peer => {
-                // The driver closes a link on an undecodable frame.
-                if !peer(&f) {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// One request frame body, decoded as the session does; then the input checks the broker
 /// makes before it touches state. Returns whether the session would keep the connection.
 pub fn request(body: &[u8]) -> bool {
+    // Nesting is measured first, without recursion; a frame too deep is refused and closed.
+    if connection::msgpack_depth_ok(body, connection::MAX_MSGPACK_DEPTH).is_err() {
+        return false;
+    }
     let req: Request = match wire::decode(body) {
         Ok(r) => r,
         // An undecodable request is answered by its id, if that can be found; else closed.
@@ -153,6 +185,18 @@ pub fn request(body: &[u8]) -> bool {
             message_body(&out.content, &out.data);
         }
         Body::Broadcast { content, data } => message_body(content, data),
+        Body::Auth {
+            client_nonce,
+            proof,
+        } => {
+            // As the session checks it before anything else.
+            let secret = ClientSecret::new(SECRET.to_vec()).expect("a long enough secret");
+            if let Some(client_nonce) = auth::parse_nonce(client_nonce) {
+                let broker_nonce = [7u8; auth::NONCE_LEN];
+                let _ =
+                    auth::verify_any(&secret, Side::Client, &broker_nonce, &client_nonce, proof);
+            }
+        }
         Body::Ack { ids } => {
             for id in ids {
                 let _ = id.parse::<Dot>();
@@ -247,9 +291,12 @@ pub enum Op {
     Durable,
     /// The oldest unanswered `ReadOutbox` is answered (next byte: how many envelopes).
     ReadOutbox,
+    /// The link layer refused a link (next byte: odd for one we dialed, from the pending
+    /// dials; even for an accepted one).
+    LinkRefused,
 }
 
-const OPS: u8 = 12;
+const OPS: u8 = 13;
 
 impl Op {
     fn from_byte(b: u8) -> Op {
@@ -265,7 +312,8 @@ impl Op {
             8 => Op::Outbox,
             9 => Op::Store,
             10 => Op::Durable,
-            _ => Op::ReadOutbox,
+            11 => Op::ReadOutbox,
+            _ => Op::LinkRefused,
         }
     }
 }
@@ -438,6 +486,21 @@ pub fn node(data: &[u8]) {
                     epoch,
                 })
             }
+            Op::LinkRefused => {
+                let dialed = input.u8() & 1 == 1;
+                let addr = if !dialed {
+                    "10.0.0.9:40000".to_string()
+                } else if dials.is_empty() {
+                    SEED_ADDR.to_string()
+                } else {
+                    dials.remove(0)
+                };
+                Some(Event::LinkRefused {
+                    addr,
+                    reason: "the encrypted handshake failed".into(),
+                    dialed,
+                })
+            }
             Op::Durable => Some(Event::Durable {
                 epoch: stored_epoch,
             }),
@@ -530,7 +593,10 @@ pub fn envelope(dest: BrokerId, pos: u64, now: u64) -> Envelope {
             data: None,
             reply_to: None,
             kind: MessageKind::Direct,
+            after: None,
         },
         queued_ms: now,
+        closes: None,
+        elsewhere: Vec::new(),
     }
 }
