@@ -51,6 +51,30 @@ pub struct Envelope {
     /// [`crate::fence`]). `message` carries only the sender and its own fence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closes: Option<crate::fence::Fence>,
+    /// For a broadcast: the agents the origin listed for other brokers (or delivered to
+    /// itself). They get their copy there, forwarded if they have moved here since, so this
+    /// broker does not count them among the agents the origin did not know of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub elsewhere: Vec<AgentName>,
+}
+
+impl Envelope {
+    /// A direct envelope for `dest` from the chain position `tdot`; `prev` is filled in when
+    /// it is queued.
+    pub fn new(tdot: Dot, dest: BrokerId, message: Message, queued_ms: u64) -> Envelope {
+        Envelope {
+            tdot,
+            prev: 0,
+            dest,
+            hops: 0,
+            broadcast: false,
+            recipients: Vec::new(),
+            message,
+            queued_ms,
+            closes: None,
+            elsewhere: Vec::new(),
+        }
+    }
 }
 
 /// What a receiver does with an envelope.
@@ -105,8 +129,10 @@ pub fn route(
 ) -> Arrival {
     if env.broadcast {
         let from = &env.message.from;
-        let mut deliver: Vec<AgentName> =
-            local_agents().into_iter().filter(|a| a != from).collect();
+        let mut deliver: Vec<AgentName> = local_agents()
+            .into_iter()
+            .filter(|a| a != from && !env.elsewhere.contains(a))
+            .collect();
         let mut forward = Vec::new();
         for r in env.recipients.iter().filter(|r| *r != from) {
             if local(r) {

@@ -769,6 +769,7 @@ impl MemStore {
                 message: m,
                 queued_ms: 0,
                 closes: None,
+                elsewhere: Vec::new(),
             };
             Self::queue(&mut g, self.me, to, env, true);
         }
@@ -842,6 +843,7 @@ impl MemStore {
                 message: message.clone(),
                 queued_ms: now,
                 closes: None,
+                elsewhere: Vec::new(),
             };
             g.outbox.insert((dest, dot.seq), env);
         }

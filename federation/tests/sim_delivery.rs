@@ -234,6 +234,7 @@ fn a_retransmission_of_a_very_old_dot_is_recognised() {
         message: old,
         queued_ms: 0,
         closes: None,
+        elsewhere: Vec::new(),
     };
     let before = sim.stores[1].duplicates();
     sim.stores[1].accept(vec![replay]);

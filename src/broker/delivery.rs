@@ -267,14 +267,8 @@ impl Broker {
         self.enqueue(
             s,
             batch,
-            dest,
             pos,
-            Dot::new(me, pos),
-            false,
-            Vec::new(),
-            message,
-            now,
-            None,
+            Envelope::new(Dot::new(me, pos), dest, message, now),
         );
         s.last_arrival = pos;
         self.inner

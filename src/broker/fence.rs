@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 
+use federation::delivery::Envelope;
 use federation::fence::{Fence, Fences, Held, HeldEntry};
 use federation::message::MessageKind;
 use federation::{AgentName, BrokerId, Dot, Message};
@@ -203,18 +204,9 @@ impl Broker {
                 kind: MessageKind::Notice,
                 after,
             };
-            self.enqueue(
-                s,
-                batch,
-                dest,
-                seq,
-                Dot::new(me, seq),
-                false,
-                Vec::new(),
-                closing,
-                now,
-                Some(fence),
-            );
+            let mut env = Envelope::new(Dot::new(me, seq), dest, closing, now);
+            env.closes = Some(fence);
+            self.enqueue(s, batch, seq, env);
             s.last_arrival = seq;
         }
         self.close_fence(s, batch, from, fence, after);

@@ -1148,14 +1148,8 @@ impl Broker {
             Place::Outbox(dest) => self.enqueue(
                 &mut s,
                 &mut batch,
-                dest,
                 seq,
-                dot,
-                false,
-                Vec::new(),
-                message,
-                now,
-                None,
+                Envelope::new(dot, dest, message, now),
             ),
         }
         if let Some(k) = dedup {
@@ -1188,36 +1182,13 @@ impl Broker {
         }
     }
 
-    /// Adds an envelope for `dest` to the batch, from this broker's chain to `dest`, at outbox
-    /// position `seq`. Call with the lock held; the caller applies the batch.
-    #[allow(clippy::too_many_arguments)]
-    fn enqueue(
-        &self,
-        s: &mut State,
-        batch: &mut Batch,
-        dest: BrokerId,
-        seq: u64,
-        tdot: Dot,
-        broadcast: bool,
-        recipients: Vec<AgentName>,
-        message: Message,
-        now: u64,
-        closes: Option<federation::fence::Fence>,
-    ) {
-        let prev = s.last_to.get(&dest).copied().unwrap_or(0);
-        s.last_to.insert(dest, tdot.seq);
-        batch.put(outbox::chain_key(dest), tdot.seq.to_be_bytes().to_vec());
-        let env = Envelope {
-            tdot,
-            prev,
-            dest,
-            hops: 0,
-            broadcast,
-            recipients,
-            message,
-            queued_ms: now,
-            closes,
-        };
+    /// Adds `env` to the batch, on this broker's chain to `env.dest`, at outbox position `seq`.
+    /// Call with the lock held; the caller applies the batch.
+    fn enqueue(&self, s: &mut State, batch: &mut Batch, seq: u64, mut env: Envelope) {
+        let dest = env.dest;
+        env.prev = s.last_to.get(&dest).copied().unwrap_or(0);
+        s.last_to.insert(dest, env.tdot.seq);
+        batch.put(outbox::chain_key(dest), env.tdot.seq.to_be_bytes().to_vec());
         batch.put(outbox::key(dest, seq), federation::wire::encode(&env));
         *s.outbox_depth.entry(dest).or_default() += 1;
         s.outbox_total += 1;
@@ -1275,6 +1246,21 @@ impl Broker {
             }
             None => (BTreeSet::new(), 0, BTreeMap::new()),
         };
+        // Everyone this broadcast names somewhere (or delivers here): a broker that finds one
+        // of them attached to it without being named for it leaves it to the copy named
+        // elsewhere, which follows a moved agent. (Else an agent that read it before moving
+        // would get it twice.)
+        let listed: BTreeSet<AgentName> = recipients_at
+            .values()
+            .flatten()
+            .cloned()
+            .chain(
+                s.agents
+                    .iter()
+                    .filter(|(n, a)| **n != from && !a.record.is_forward())
+                    .map(|(n, _)| n.clone()),
+            )
+            .collect();
         let message = Message {
             dot,
             from: from.clone(),
@@ -1304,18 +1290,15 @@ impl Broker {
             let mut batch = Batch::new();
             for dest in remote_brokers {
                 let recipients = recipients_at.get(&dest).cloned().unwrap_or_default();
-                self.enqueue(
-                    &mut s,
-                    &mut batch,
-                    dest,
-                    seq,
-                    dot,
-                    true,
-                    recipients,
-                    message.clone(),
-                    now,
-                    None,
-                );
+                let mut env = Envelope::new(dot, dest, message.clone(), now);
+                env.broadcast = true;
+                env.elsewhere = listed
+                    .iter()
+                    .filter(|n| !recipients.contains(n))
+                    .cloned()
+                    .collect();
+                env.recipients = recipients;
+                self.enqueue(&mut s, &mut batch, seq, env);
             }
             match self.apply(&mut s, batch) {
                 Ok(e) => e,

@@ -145,6 +145,11 @@ impl Broker {
                 }
                 s.outbox_total = s.outbox_total.saturating_sub(1);
                 swept.expired += 1;
+                if env.closes.is_some() {
+                    // A fence closing, not a message: nobody to tell (receivers waiting for it
+                    // gave it up long ago).
+                    continue;
+                }
                 let m = env.message;
                 let sender_here = s
                     .agents
