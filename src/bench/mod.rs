@@ -27,6 +27,7 @@ pub mod baseline;
 pub mod drain;
 pub mod failover;
 pub mod latency;
+pub mod link;
 pub mod registry;
 pub mod spawn;
 pub mod throughput;

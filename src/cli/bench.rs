@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 
 use super::Ctx;
 use crate::bench::{
-    self, baseline, drain, failover, latency, registry, throughput, Metrics, Summary, Target,
+    self, baseline, drain, failover, latency, link, registry, throughput, Metrics, Summary, Target,
     MAX_RUNS,
 };
 
@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Latency(LatencyArgs),
     /// This machine's limits: loopback TCP round trip and throughput, sled inserts with flushes
     Baseline(BaselineArgs),
+    /// The CPU cost of encrypting a peer link: Noise seal + open of frames, against a copy
+    Link(LinkArgs),
     /// Brokers started from one seed: time to a full mesh, and a registration's spread
     Registry(RegistryArgs),
     /// An mcp-style client whose broker is killed: time until its next request is served
@@ -94,6 +96,18 @@ pub struct BaselineArgs {
     /// sled inserts per measurement (the TCP measurements scale from it)
     #[arg(long, default_value_t = 50_000)]
     pub ops: u64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct LinkArgs {
+    /// Frames sealed and opened per measurement
+    #[arg(long, default_value_t = 20_000)]
+    pub frames: u64,
+    /// Bytes per frame (a Deliver frame batches many messages; up to about 4 MiB)
+    #[arg(long, default_value_t = 65_536)]
+    pub size: usize,
     #[command(flatten)]
     pub common: Common,
 }
@@ -181,6 +195,14 @@ pub async fn run(ctx: Ctx, cmd: BenchCommand, explicit_broker: bool) -> anyhow::
             let p = baseline::Params { ops: a.ops };
             let s = repeat(&a.common, || baseline::run(&p)).await?;
             ("baseline", a.common, s)
+        }
+        BenchCommand::Link(a) => {
+            let p = link::Params {
+                frames: a.frames,
+                size: a.size,
+            };
+            let s = repeat(&a.common, || link::run(&p)).await?;
+            ("link", a.common, s)
         }
         BenchCommand::Registry(a) => {
             own_brokers(explicit_broker, "registry")?;
