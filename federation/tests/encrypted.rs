@@ -535,6 +535,43 @@ async fn an_inbound_limit_slows_reading_and_loses_nothing(kind: Kind) {
     net.stop().await;
 }
 
+/// A rotation under way: a broker holding the new and the old secret links with one that has
+/// only the old and with one that has only the new; those two do not link with each other.
+async fn during_a_rotation_either_secret_links(kind: Kind) {
+    let mut net = Net::new(kind);
+    let (new, old) = ("the new secret, long enough", "the old secret, long enough");
+    let both = || secret(new).with_previous(old.as_bytes().to_vec()).unwrap();
+    let a = net
+        .add(&[], Some(both()), LinkConfig::encrypted(both()))
+        .await;
+    let b = net
+        .add(&[a], Some(secret(old)), LinkConfig::encrypted(secret(old)))
+        .await;
+    let c = net
+        .add(&[a], Some(secret(new)), LinkConfig::encrypted(secret(new)))
+        .await;
+    net.until(
+        Duration::from_secs(10),
+        "both linked with the rotating broker",
+        |n| n.up(a) == 2,
+    )
+    .await;
+    // b and c learn each other's address from a's digest; their links are refused.
+    net.until(Duration::from_secs(10), "b and c refuse each other", |n| {
+        !n.refusals(b).is_empty() || !n.refusals(c).is_empty()
+    })
+    .await;
+    assert_eq!(net.up(b), 1, "{kind:?}: b links only with a");
+    assert_eq!(net.up(c), 1, "{kind:?}: c links only with a");
+    assert!(net.brokers[a]
+        .handle
+        .snapshot()
+        .links
+        .iter()
+        .all(|(_, l)| l.encrypted));
+    net.stop().await;
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod tcp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Kind::Tcp).await } )* }
@@ -549,5 +586,6 @@ both!(
     a_peer_without_the_secret_is_refused,
     a_plaintext_downgrade_is_refused,
     a_replayed_handshake_is_refused,
-    an_inbound_limit_slows_reading_and_loses_nothing
+    an_inbound_limit_slows_reading_and_loses_nothing,
+    during_a_rotation_either_secret_links
 );
