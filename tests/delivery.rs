@@ -632,3 +632,73 @@ async fn a_broadcast_read_before_its_recipient_moved_is_not_delivered_again() {
         again.iter().map(|m| &m.content).collect::<Vec<_>>()
     );
 }
+
+/// The scenario the chaos suite found: alice's messages to bob wait in her broker's outbox for
+/// broker B, which is cut off; bob moves to broker C and alice goes on sending, now straight
+/// to C. Those must not overtake the ones stuck on the way to B: C holds them until B, back,
+/// has passed the earlier ones on, then bob gets all of them in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_that_moves_while_messages_to_it_are_stuck_gets_them_in_order() {
+    let (ha, hb, hc) = (temp_home(), temp_home(), temp_home());
+    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
+    let c_addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
+    let pa = Proxy::start("127.0.0.5", &a_addr);
+    let pb = Proxy::start("127.0.0.5", &b_addr);
+    let pc = Proxy::start("127.0.0.5", &c_addr);
+    let _a = broker(ha.path(), &a_addr, Some(&pa.addr), &[]);
+    let _b = broker(hb.path(), &b_addr, Some(&pb.addr), &[&pa.addr]);
+    let _c = broker(hc.path(), &c_addr, Some(&pc.addr), &[&pa.addr]);
+    drop(agent(&b_addr, hb.path(), "bob").await);
+    let mut alice = agent(&a_addr, ha.path(), "alice").await;
+    until_listed(ha.path(), &a_addr, "bob");
+    until_listed(hc.path(), &c_addr, "bob");
+
+    // B is cut off from both: what alice sends bob waits in A's outbox for B.
+    pb.cut();
+    pa.block_from("127.0.0.3");
+    pc.block_from("127.0.0.3");
+    let send = |i: usize| Outgoing {
+        to: "bob".into(),
+        content: format!("{i:03}"),
+        ..Default::default()
+    };
+    for i in 0..50 {
+        alice.send(send(i)).await.unwrap();
+    }
+    // bob moves to C; once A has heard, alice's messages go straight there.
+    let mut bob = agent(&c_addr, hb.path(), "bob").await;
+    eventually(Duration::from_secs(15), "A routes bob to C", || {
+        let s = status_json(ha.path(), &a_addr);
+        let c_id = status_json(hc.path(), &c_addr)["broker"]["id"].clone();
+        s["agents"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["name"] == "bob" && e["broker"] == c_id))
+    });
+    for i in 50..100 {
+        alice.send(send(i)).await.unwrap();
+    }
+    eventually(Duration::from_secs(15), "C holds A's 50 for bob", || {
+        status_json(hc.path(), &c_addr)["counters"]["messages_fenced"] == 50
+    });
+    let (early, _) = bob
+        .check(Some(Duration::from_millis(500)), 1000)
+        .await
+        .unwrap();
+    assert!(
+        early.is_empty(),
+        "messages sent to bob at C overtook those stuck on the way to B: {:?}",
+        early.iter().map(|m| &m.content).collect::<Vec<_>>()
+    );
+    drop(bob);
+
+    pa.heal();
+    pb.heal();
+    pc.heal();
+    let got = read_n(&c_addr, hb.path(), "bob", 100).await;
+    let want: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
+    assert_eq!(got, want, "every message once, in the order sent");
+    let s = status_json(hc.path(), &c_addr);
+    assert_eq!(s["counters"]["messages_fenced"], 0);
+    assert_eq!(s["counters"]["fences_given_up"], 0);
+}

@@ -56,6 +56,14 @@ pub struct Envelope {
     /// broker does not count them among the agents the origin did not know of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub elsewhere: Vec<AgentName>,
+    /// Recipients whose messages the origin re-routed here from another broker, each with the
+    /// sequence of the [`crate::fence::Marker`] it sent along the old path: their copies wait
+    /// for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wait: Vec<(AgentName, u64)>,
+    /// Not a message but a redirect marker (see [`crate::fence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<crate::fence::Marker>,
 }
 
 impl Envelope {
@@ -73,6 +81,8 @@ impl Envelope {
             queued_ms,
             closes: None,
             elsewhere: Vec::new(),
+            wait: Vec::new(),
+            marker: None,
         }
     }
 }

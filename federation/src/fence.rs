@@ -18,6 +18,14 @@
 //! 5. A fence that stays open too long (A gone for good) is given up ([`Fences::overdue`]):
 //!    what it held is delivered, counted and logged, rather than kept for ever.
 //!
+//! The same book serves the *recipient's* move (redirects). A broker that has been sending
+//! agent `r`'s messages to broker P and now sends them to broker N (r moved) first queues a
+//! [`Marker`] to P, behind everything it sent there, and marks what it sends to N with the
+//! marker's sequence (`Envelope::wait`). P passes the marker on after what it forwarded to r
+//! (or, if it has not noticed the move yet, after r's inbox when it does). N holds the marked
+//! messages until the marker arrives: the book's key is then (recipient, sending broker), and
+//! the "incarnation" is the marker's sequence.
+//!
 //! The book of closed fences and held entries is pure state, testable without a network; the
 //! broker keeps it in memory and mirrors every change to storage in the same write.
 
@@ -32,6 +40,15 @@ use crate::{AgentName, BrokerId, Message};
 pub struct Fence {
     pub broker: BrokerId,
     pub incarnation: u64,
+}
+
+/// A redirect marker: broker `origin` stopped sending `agent`'s messages along the path this
+/// marker travels, at its sequence `mark`; everything it sent that way came before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub origin: BrokerId,
+    pub agent: AgentName,
+    pub mark: u64,
 }
 
 /// What a fence can hold: a message for a local inbox, or another broker's closing of a later

@@ -770,6 +770,8 @@ impl MemStore {
                 queued_ms: 0,
                 closes: None,
                 elsewhere: Vec::new(),
+                wait: Vec::new(),
+                marker: None,
             };
             Self::queue(&mut g, self.me, to, env, true);
         }
@@ -844,6 +846,8 @@ impl MemStore {
                 queued_ms: now,
                 closes: None,
                 elsewhere: Vec::new(),
+                wait: Vec::new(),
+                marker: None,
             };
             g.outbox.insert((dest, dot.seq), env);
         }

@@ -235,6 +235,8 @@ fn a_retransmission_of_a_very_old_dot_is_recognised() {
         queued_ms: 0,
         closes: None,
         elsewhere: Vec::new(),
+        wait: Vec::new(),
+        marker: None,
     };
     let before = sim.stores[1].duplicates();
     sim.stores[1].accept(vec![replay]);

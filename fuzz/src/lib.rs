@@ -598,5 +598,7 @@ pub fn envelope(dest: BrokerId, pos: u64, now: u64) -> Envelope {
         queued_ms: now,
         closes: None,
         elsewhere: Vec::new(),
+        wait: Vec::new(),
+        marker: None,
     }
 }

@@ -112,7 +112,7 @@ impl MeshStore for Store {
                     batch.put(outbox::key(env.dest, pos), federation::wire::encode(&env));
                     *s.outbox_depth.entry(env.dest).or_default() += 1;
                     s.outbox_total += 1;
-                    s.last_arrival = pos;
+                    s.last_arrival = s.last_arrival.max(pos);
                     c.relayed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ if !in_order(&s.clock, &env) => {
@@ -204,6 +204,11 @@ impl Broker {
         env: Envelope,
         now: u64,
     ) {
+        if let Some(mk) = env.marker {
+            // Not a message: an origin re-routed a recipient's messages.
+            self.on_marker(s, batch, env.tdot.origin, mk);
+            return;
+        }
         if let Some(fence) = env.closes {
             // Not a message: its sender has left that attachment of the origin broker.
             let from = env.message.from.clone();
@@ -229,13 +234,15 @@ impl Broker {
         match arrival {
             Arrival::Deliver(to) => {
                 for agent in to {
-                    self.put_inbox(s, batch, &agent, &env.message);
+                    let wait = wait_for(&env, &agent);
+                    self.put_inbox(s, batch, &agent, &env.message, wait);
                 }
             }
-            Arrival::Hold(to) => self.put_inbox(s, batch, &to, &env.message),
+            Arrival::Hold(to) => self.put_inbox(s, batch, &to, &env.message, None),
             Arrival::Broadcast { deliver, forward } => {
                 for agent in deliver {
-                    self.put_inbox(s, batch, &agent, &env.message);
+                    let wait = wait_for(&env, &agent);
+                    self.put_inbox(s, batch, &agent, &env.message, wait);
                 }
                 for (agent, dest) in forward {
                     let mut m = env.message.clone();
@@ -270,7 +277,7 @@ impl Broker {
             pos,
             Envelope::new(Dot::new(me, pos), dest, message, now),
         );
-        s.last_arrival = pos;
+        s.last_arrival = s.last_arrival.max(pos);
         self.inner
             .counters
             .forwarded
@@ -280,8 +287,15 @@ impl Broker {
 
     /// Puts a message that arrived from the mesh into a local inbox, unless it must wait for
     /// its moved sender's old broker (see [`super::fence`]). Call with the lock held.
-    fn put_inbox(&self, s: &mut State, batch: &mut Batch, to: &AgentName, m: &federation::Message) {
-        if !self.fence_holds(s, batch, to, m) {
+    fn put_inbox(
+        &self,
+        s: &mut State,
+        batch: &mut Batch,
+        to: &AgentName,
+        m: &federation::Message,
+        wait: Option<u64>,
+    ) {
+        if !self.fence_holds(s, batch, to, m, wait) {
             self.put_inbox_now(s, batch, to, m);
         }
     }
@@ -311,7 +325,7 @@ impl Broker {
         m.to = to.clone();
         inbox::put_unread(batch, to, pos, inbox::encode_message(&m));
         *s.unread.entry(to.clone()).or_default() += 1;
-        s.last_arrival = pos;
+        s.last_arrival = s.last_arrival.max(pos);
         s.to_wake.push(to.clone());
         self.inner
             .counters
@@ -331,12 +345,13 @@ impl Broker {
                     return 0;
                 }
             };
-        if entries.is_empty() {
+        if entries.is_empty() && !s.parked.contains_key(name) {
             return 0;
         }
         let now = super::now_ms();
         let mut batch = Batch::new();
         let mut n = 0;
+        let all = entries.len();
         for e in entries {
             // The inbox entry goes only if its copy is queued, in the same batch.
             if !self.forward_message(s, &mut batch, dest, e.message, now) {
@@ -344,6 +359,10 @@ impl Broker {
             }
             batch.delete(keys::inbox(keys::UNREAD, name, e.arrival));
             n += 1;
+        }
+        if n as usize == all {
+            // Redirect markers that waited for the agent to leave follow its messages.
+            self.forward_parked(s, &mut batch, name, dest);
         }
         if self.apply(s, batch).is_ok() {
             if let Some(u) = s.unread.get_mut(name) {
@@ -368,8 +387,11 @@ impl Broker {
         let held: Vec<AgentName> = s
             .unread
             .iter()
-            .filter(|(n, c)| **c > 0 && s.agents.get(*n).is_none_or(|a| a.record.is_forward()))
-            .map(|(n, _)| n.clone())
+            .filter(|(_, c)| **c > 0)
+            .map(|(n, _)| n)
+            .chain(s.parked.keys())
+            .filter(|n| s.agents.get(*n).is_none_or(|a| a.record.is_forward()))
+            .cloned()
             .collect();
         let mut any = false;
         for name in held {
@@ -384,4 +406,9 @@ impl Broker {
             self.commit().request();
         }
     }
+}
+
+/// The redirect marker `agent`'s copy of `env` waits for, if any.
+fn wait_for(env: &Envelope, agent: &AgentName) -> Option<u64> {
+    env.wait.iter().find(|(a, _)| a == agent).map(|(_, m)| *m)
 }

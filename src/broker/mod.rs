@@ -133,6 +133,12 @@ struct State {
     members: BTreeMap<BrokerId, String>,
     /// Closed fences, and messages waiting for a moved sender's old broker ([`fence`]).
     fences: federation::fence::Fences,
+    /// Redirects of moved recipients: copies waiting for a marker ([`fence`]).
+    redirects: federation::fence::Fences,
+    /// Where this broker last sent each recipient's messages, and the last marker's sequence.
+    routes: fence::Routes,
+    /// Markers parked until their recipient leaves this broker.
+    parked: fence::Parked,
     /// `SEEN` keys written by the arrival batch being built (not in storage yet).
     seen_now: std::collections::HashSet<Vec<u8>>,
 }
@@ -279,7 +285,9 @@ impl Broker {
 
         let clock = outbox::load_clock(&*engine)?;
         let members = outbox::load_members(&*engine)?;
-        let fences = fence::load(&*engine)?;
+        let fences = fence::load(&*engine, fence::Book::Sender)?;
+        let redirects = fence::load(&*engine, fence::Book::Recipient)?;
+        let (routes, parked) = fence::load_routes(&*engine)?;
         let (outbox_depth, last_to) = outbox::load_depths(&*engine)?;
         let outbox_total = outbox_depth.values().sum();
         let (commit, wake, durable_tx) = Commit::new(Durable {
@@ -313,6 +321,9 @@ impl Broker {
                     outbox_dirty: false,
                     members,
                     fences,
+                    redirects,
+                    routes,
+                    parked,
                     seen_now: Default::default(),
                 }),
                 commit,
@@ -1136,21 +1147,25 @@ impl Broker {
             after: s.agents.get(&from).and_then(|a| a.record.after),
         };
         let mut batch = Batch::new();
-        // A moved sender's message may have to wait for what it sent at its old broker.
+        // A moved sender's message may have to wait for what it sent at its old broker, and
+        // one for a moved recipient for what this broker sent to its old broker.
         let mut held = false;
         match place {
             Place::Inbox => {
-                held = self.fence_holds(&mut s, &mut batch, &to, &message);
+                let me = self.inner.id;
+                let wait = self.route_for(&mut s, &mut batch, &to, me);
+                held = self.fence_holds(&mut s, &mut batch, &to, &message, wait);
                 if !held {
                     inbox::put_unread(&mut batch, &to, seq, inbox::encode_message(&message))
                 }
             }
-            Place::Outbox(dest) => self.enqueue(
-                &mut s,
-                &mut batch,
-                seq,
-                Envelope::new(dot, dest, message, now),
-            ),
+            Place::Outbox(dest) => {
+                let mut env = Envelope::new(dot, dest, message, now);
+                if let Some(mark) = self.route_for(&mut s, &mut batch, &to, dest) {
+                    env.wait.push((to.clone(), mark));
+                }
+                self.enqueue(&mut s, &mut batch, seq, env)
+            }
         }
         if let Some(k) = dedup {
             let entry = DedupEntry {
@@ -1168,7 +1183,7 @@ impl Broker {
             *s.unread.entry(to.clone()).or_default() += 1;
             s.to_wake.push(to);
         }
-        s.last_arrival = seq;
+        s.last_arrival = s.last_arrival.max(seq);
         let unread = Self::unread_of(&s, &from);
         drop(s);
         self.count_stored(1);
@@ -1210,11 +1225,6 @@ impl Broker {
         }
         let now = now_ms();
         let mut s = self.state();
-        let seq = match self.next_seq(&mut s) {
-            Ok(q) => q,
-            Err(e) => return Err(e).into(),
-        };
-        let dot = Dot::new(self.inner.id, seq);
         // Every other broker of the mesh gets one envelope (one link send per peer), and
         // delivers it to every agent attached there; brokers unreachable now get it when they
         // come back.
@@ -1261,6 +1271,37 @@ impl Broker {
                     .map(|(n, _)| n.clone()),
             )
             .collect();
+        // Recipients whose messages went to another broker before (they moved): the marker
+        // to that broker goes first, on a lower sequence than the broadcast's.
+        let me = self.inner.id;
+        let mut routes = Batch::new();
+        let local_waits: HashMap<AgentName, u64> = listed
+            .iter()
+            .filter(|n| s.agents.get(*n).is_some_and(|a| !a.record.is_forward()))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|r| {
+                self.route_for(&mut s, &mut routes, &r, me)
+                    .map(|mark| (r, mark))
+            })
+            .collect();
+        let mut remote_waits: BTreeMap<BrokerId, Vec<(AgentName, u64)>> = BTreeMap::new();
+        for (dest, rs) in &recipients_at {
+            for r in rs {
+                if let Some(mark) = self.route_for(&mut s, &mut routes, r, *dest) {
+                    remote_waits
+                        .entry(*dest)
+                        .or_default()
+                        .push((r.clone(), mark));
+                }
+            }
+        }
+        let seq = match self.next_seq(&mut s) {
+            Ok(q) => q,
+            Err(e) => return Err(e).into(),
+        };
+        let dot = Dot::new(me, seq);
         let message = Message {
             dot,
             from: from.clone(),
@@ -1274,12 +1315,12 @@ impl Broker {
         };
         let (epoch, local, skipped) = match self.deliver_to_all(
             &mut s,
+            routes,
             &from,
             dot,
             now,
-            content,
-            data,
-            MessageKind::Broadcast,
+            (content, data),
+            &local_waits,
         ) {
             Ok(r) => r,
             Err(e) => return Err(e).into(),
@@ -1292,6 +1333,7 @@ impl Broker {
                 let recipients = recipients_at.get(&dest).cloned().unwrap_or_default();
                 let mut env = Envelope::new(dot, dest, message.clone(), now);
                 env.broadcast = true;
+                env.wait = remote_waits.remove(&dest).unwrap_or_default();
                 env.elsewhere = listed
                     .iter()
                     .filter(|n| !recipients.contains(n))
@@ -1320,17 +1362,18 @@ impl Broker {
         }
     }
 
-    /// Puts one message (one dot) into the inbox of every registered agent but `from`.
+    /// Puts one broadcast (one dot) into the inbox of every registered agent but `from`, in
+    /// `batch`; a copy for an agent in `waits` waits for that redirect marker.
     #[allow(clippy::too_many_arguments)]
     fn deliver_to_all(
         &self,
         s: &mut State,
+        mut batch: Batch,
         from: &AgentName,
         dot: Dot,
         now: u64,
-        content: String,
-        data: Option<String>,
-        kind: MessageKind,
+        (content, data): (String, Option<String>),
+        waits: &HashMap<AgentName, u64>,
     ) -> Result<(u64, u32, Vec<Skipped>), WireError> {
         let inbox_max = self.inner.config.limits.inbox_max as u64;
         let recipients: Vec<AgentName> = s
@@ -1339,7 +1382,6 @@ impl Broker {
             .filter(|(n, a)| *n != from && !a.record.is_forward())
             .map(|(n, _)| n.clone())
             .collect();
-        let mut batch = Batch::new();
         let mut reached = Vec::new();
         let mut skipped = Vec::new();
         let mut message = Message {
@@ -1350,7 +1392,7 @@ impl Broker {
             content,
             data,
             reply_to: None,
-            kind,
+            kind: MessageKind::Broadcast,
             after: s.agents.get(from).and_then(|a| a.record.after),
         };
         let mut held = Vec::new();
@@ -1363,8 +1405,9 @@ impl Broker {
                 continue;
             }
             message.to = to.clone();
-            if self.fence_holds(s, &mut batch, &to, &message) {
-                // Stored, waiting for what the sender sent at its previous broker.
+            let wait = waits.get(&to).copied();
+            if self.fence_holds(s, &mut batch, &to, &message, wait) {
+                // Stored, waiting for what went before it on another path.
                 held.push(to);
                 continue;
             }
@@ -1667,7 +1710,7 @@ impl Broker {
         for to in &reached {
             *s.unread.entry(to.clone()).or_default() += 1;
         }
-        s.last_arrival = dot.seq;
+        s.last_arrival = s.last_arrival.max(dot.seq);
         s.to_wake.extend(reached);
         Ok(epoch)
     }
@@ -1776,7 +1819,10 @@ impl Broker {
         };
         // Taken here, not inside the literal below: a guard made there lives to the end of
         // the statement, and a second `self.state()` in it would deadlock.
-        let messages_fenced = self.state().fences.held_count() as u64;
+        let messages_fenced = {
+            let s = self.state();
+            (s.fences.held_count() + s.redirects.held_count()) as u64
+        };
         StatusView {
             broker: BrokerView {
                 id: self.inner.id.to_string(),

@@ -293,7 +293,7 @@ impl Broker {
         };
         inbox::put_unread(batch, &m.from, seq, inbox::encode_message(&notice));
         *s.unread.entry(m.from.clone()).or_default() += 1;
-        s.last_arrival = seq;
+        s.last_arrival = s.last_arrival.max(seq);
         s.to_wake.push(m.from.clone());
         true
     }
