@@ -192,6 +192,14 @@ fn the_mesh_works_across_real_interfaces_and_heals_after_a_cut() {
                 && ns_peers_up(&hosts.b, hb.path(), &b_addr) == 1
         },
     );
+    // Beyond loopback, a broker with a secret encrypts its peer links by default.
+    let out = in_ns(&hosts.a, ha.path(), &a_addr, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        v["peers"][0]["encrypted"],
+        serde_json::json!(true),
+        "the link across real interfaces is encrypted: {v}"
+    );
     let out = in_ns(
         &hosts.a,
         ha.path(),
