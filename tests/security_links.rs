@@ -126,6 +126,32 @@ impl Pair {
     }
 }
 
+/// How many whole length-delimited frames `bytes` starts with.
+fn frame_count(bytes: &[u8]) -> usize {
+    let (mut n, mut at) = (0, 0);
+    while at + 4 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if at + 4 + len > bytes.len() {
+            break;
+        }
+        at += 4 + len;
+        n += 1;
+    }
+    n
+}
+
+/// Polls `f` every 50 ms until it gives a value; panics with `what` after `within`.
+fn eventually_some<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -252,30 +278,20 @@ fn a_replayed_handshake_is_refused() {
     eventually(Duration::from_secs(15), "the link up", || {
         peers_up(p.h(0), &p.addrs[0]).len() == 1
     });
-    // The connection that went through proxy 0 was dialed by broker 1: its upstream bytes are
-    // what broker 1 said to broker 0.
-    let up = p.proxies[0]
-        .recordings()
-        .into_iter()
-        .map(|(up, _)| up)
-        .find(|up| up.len() > 7 + 4 + 48)
-        .or_else(|| {
-            p.proxies[1]
+    // A connection through proxy i was dialed towards broker i: its upstream bytes are what
+    // the dialer said to broker i. Take one that got past the handshake: at least the hello,
+    // the first handshake message and one sealed frame.
+    let (i, up) = eventually_some(Duration::from_secs(10), "a recorded encrypted dial", || {
+        (0..2).find_map(|i| {
+            p.proxies[i]
                 .recordings()
                 .into_iter()
                 .map(|(up, _)| up)
-                .find(|up| up.len() > 7 + 4 + 48)
+                .find(|up| frame_count(up) >= 3)
+                .map(|up| (i, up))
         })
-        .expect("a recorded dial");
-    let target = if p.proxies[0]
-        .recordings()
-        .iter()
-        .any(|(u, _)| u.len() > 7 + 4 + 48)
-    {
-        (0, &p.addrs[0])
-    } else {
-        (1, &p.addrs[1])
-    };
+    });
+    let target = (i, &p.addrs[i]);
     let before = status_json(p.h(target.0), target.1)["mesh"]["refusals"]
         .as_u64()
         .unwrap();
