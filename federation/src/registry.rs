@@ -101,6 +101,7 @@ impl Registry {
     ///
     /// Our own entries coming back are ignored, except that a version above ours (from a
     /// previous run of this broker) moves our counter past it, so our next changes win.
+    /// Versions come from peers, so the counter saturates rather than overflow.
     pub fn apply(&mut self, entries: Vec<AgentEntry>) -> Vec<AgentEntry> {
         let mut changed = Vec::new();
         for e in entries {
@@ -136,7 +137,7 @@ impl Registry {
     ) -> AgentEntry {
         let me = self.me;
         let own = self.owners.get_mut(&me).expect("own entry");
-        own.version += 1;
+        own.version = own.version.saturating_add(1);
         let e = AgentEntry {
             name: name.to_string(),
             owner: me,
@@ -158,7 +159,7 @@ impl Registry {
         if cur.removed {
             return None;
         }
-        own.version += 1;
+        own.version = own.version.saturating_add(1);
         let mut e = cur.clone();
         e.removed = true;
         e.online = false;
@@ -173,7 +174,7 @@ impl Registry {
         let own = self.owners.get_mut(&self.me).expect("own entry");
         let mut out = Vec::new();
         for e in own.entries.values_mut() {
-            own.version += 1;
+            own.version = own.version.saturating_add(1);
             e.version = own.version;
             out.push(e.clone());
         }
@@ -245,8 +246,9 @@ impl Registry {
         let mut n = 0;
         for o in self.owners.values_mut() {
             let before = o.entries.len();
-            o.entries
-                .retain(|_, e| (e.online && !e.removed) || e.last_seen_ms + retention_ms > now_ms);
+            o.entries.retain(|_, e| {
+                (e.online && !e.removed) || e.last_seen_ms.saturating_add(retention_ms) > now_ms
+            });
             n += before - o.entries.len();
         }
         n
@@ -350,5 +352,32 @@ mod tests {
         assert_eq!(a.age_out(1000, 100), 1);
         assert!(a.lookup("on").is_some());
         assert!(a.lookup("off").is_none());
+    }
+
+    /// Found by the node fuzz target's harness: a peer gossiping one of our own entries at
+    /// version u64::MAX moved our counter there, and the next local change overflowed it
+    /// (a panic with overflow checks, a wrap to 0 without).
+    #[test]
+    fn own_version_gossiped_at_the_maximum_does_not_overflow() {
+        let mut a = Registry::new(id(1), 0);
+        a.upsert_local("x", vec![1], 1, true, 0);
+        let mut e = a.delta_since(&[]).remove(0);
+        e.version = u64::MAX;
+        a.apply(vec![e]);
+        assert_eq!(a.upsert_local("x", vec![1], 2, true, 1).version, u64::MAX);
+        assert_eq!(a.remove_local("x", 2).unwrap().version, u64::MAX);
+        assert!(a.republish_local().iter().all(|e| e.version == u64::MAX));
+    }
+
+    /// Found by the node fuzz target's harness: an entry gossiped with `last_seen_ms` near
+    /// u64::MAX overflowed the retention sum in `age_out`.
+    #[test]
+    fn last_seen_at_the_end_of_time_does_not_overflow_age_out() {
+        let mut a = Registry::new(id(1), 0);
+        let mut b = Registry::new(id(2), 0);
+        b.upsert_local("late", vec![1], 1, false, u64::MAX);
+        a.apply(b.delta_since(&[]));
+        assert_eq!(a.age_out(1000, 100), 0);
+        assert!(a.lookup("late").is_some());
     }
 }
