@@ -40,8 +40,8 @@ summary() {
   local t=$1 log="$logs/$1.log"
   local done_line execs rate
   done_line=$(grep -E '^#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE|INITED)' "$log" | tail -1)
-  execs=$(grep -oE 'stat::number_of_executed_units: [0-9]+' "$log" | awk '{print $2}')
-  rate=$(grep -oE 'stat::average_exec_per_sec: [0-9]+' "$log" | awk '{print $2}')
+  execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | awk '{print $2}')
+  rate=$(grep -oE 'stat::average_exec_per_sec: *[0-9]+' "$log" | awk '{print $2}')
   echo "$t: executions=${execs:-?} exec/s=${rate:-?} | ${done_line:-no status line}"
 }
 
