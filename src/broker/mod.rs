@@ -682,9 +682,14 @@ impl Broker {
     }
 
     /// Applies a batch and bumps the write epoch; call with the lock held.
+    ///
+    /// The engine stages the batch until the next flush (`storage::Staged`), so every write
+    /// asks for one: writes nobody waits for (an outbox trim, a last-seen) must not pile up in
+    /// memory, nor make every scan walk past them.
     fn apply(&self, s: &mut State, batch: Batch) -> Result<u64, WireError> {
         self.inner.engine.apply(batch).map_err(storage_err)?;
         s.epoch += 1;
+        self.inner.commit.request();
         Ok(s.epoch)
     }
 

@@ -108,7 +108,9 @@ impl<E: Engine> Engine for Staged<E> {
         .peekable();
 
         // Merge the staged view with the engine beneath, page by page; staged keys win.
-        let page_size = limit.clamp(1, 1024);
+        // Pages start at what was asked for and double: a small scan stays small, and one
+        // that must step over many staged deletes does not seek the engine once per key.
+        let mut page_size = limit.clamp(1, 1024);
         let mut out = Vec::new();
         let mut below_after = after.map(|a| a.to_vec());
         let mut below = Vec::new().into_iter();
@@ -117,6 +119,7 @@ impl<E: Engine> Engine for Staged<E> {
             if below.as_slice().is_empty() && !below_done {
                 let page = self.inner.scan(prefix, below_after.as_deref(), page_size)?;
                 below_done = page.len() < page_size;
+                page_size = (page_size * 2).min(1024);
                 if let Some((k, _)) = page.last() {
                     below_after = Some(k.clone());
                 }
