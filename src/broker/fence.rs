@@ -21,7 +21,7 @@
 //!    parked (`v`) and follows the recipient's inbox when P does hear of it.
 //! 6. The new broker holds the marked copies (`j`) until the marker arrives (closed under `i`).
 //!
-//! A fence or marker still missing after [`FENCE_WAIT_MS`] is given up: its old broker is
+//! A fence or marker still missing after `FENCE_WAIT_MS` is given up: its old broker is
 //! presumed gone, what waited is delivered, and the count shows in status as
 //! `fences_given_up`.
 
@@ -444,7 +444,7 @@ impl Broker {
     }
 
     /// Gives up fences and redirects whose old broker has not answered for
-    /// [`FENCE_WAIT_MS`]: what waited is delivered now (its order against what that broker may
+    /// `FENCE_WAIT_MS`: what waited is delivered now (its order against what that broker may
     /// still send is no longer guaranteed; logged and counted).
     pub fn give_up_overdue_fences(&self) {
         let mut s = self.state();
