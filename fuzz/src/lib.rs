@@ -577,28 +577,18 @@ fn carry_out(
 /// An envelope as this broker's outbox would hold it at position `pos`.
 pub fn envelope(dest: BrokerId, pos: u64, now: u64) -> Envelope {
     let me = BrokerId::from_u32(ME);
-    Envelope {
-        tdot: Dot::new(me, pos),
-        prev: pos - 1,
-        dest,
-        hops: 0,
-        broadcast: false,
-        recipients: Vec::new(),
-        message: Message {
-            dot: Dot::new(me, pos),
-            from: AgentName::new("sender").expect("valid"),
-            to: AgentName::new("recipient").expect("valid"),
-            sent_at_ms: now,
-            content: "hello".into(),
-            data: None,
-            reply_to: None,
-            kind: MessageKind::Direct,
-            after: None,
-        },
-        queued_ms: now,
-        closes: None,
-        elsewhere: Vec::new(),
-        wait: Vec::new(),
-        marker: None,
-    }
+    let message = Message {
+        dot: Dot::new(me, pos),
+        from: AgentName::new("sender").expect("valid"),
+        to: AgentName::new("recipient").expect("valid"),
+        sent_at_ms: now,
+        content: "hello".into(),
+        data: None,
+        reply_to: None,
+        kind: MessageKind::Direct,
+        after: None,
+    };
+    let mut e = Envelope::new(Dot::new(me, pos), dest, message, now);
+    e.prev = pos - 1;
+    e
 }
