@@ -27,24 +27,44 @@ impl Staged<SledTree> {
 
 impl SledTree {
     /// Opens (or creates) the database in `dir`. Fails if another process has it open.
+    ///
+    /// sled releases its file lock from a background thread shortly after the last handle of
+    /// a database is dropped, so a database closed a moment ago in this same process (a
+    /// broker hosted in-process, stopped and started again) is retried for up to a second.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = ::sled::Config::new()
-            .path(dir)
-            .cache_capacity(CACHE_BYTES)
-            // Flushes are ours to order (group commit); sled's timer would only add fsyncs.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                ::sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    Error::Storage(format!(
-                        "{} is in use by another broker process",
-                        dir.display()
-                    ))
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let opened = ::sled::Config::new()
+                .path(dir)
+                .cache_capacity(CACHE_BYTES)
+                // Flushes are ours to order (group commit); sled's timer would only add fsyncs.
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => return Ok(SledTree { db }),
+                Err(::sled::Error::Io(io)) if is_locked(&io) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(Error::Storage(format!(
+                            "{} is in use by another broker process",
+                            dir.display()
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                other => Error::Storage(format!("cannot open {}: {other}", dir.display())),
-            })?;
-        Ok(SledTree { db })
+                Err(other) => {
+                    return Err(Error::Storage(format!(
+                        "cannot open {}: {other}",
+                        dir.display()
+                    )))
+                }
+            }
+        }
     }
+}
+
+/// Whether sled could not open a database because its lock file is held.
+fn is_locked(io: &std::io::Error) -> bool {
+    io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock")
 }
 
 fn storage(e: ::sled::Error) -> Error {
