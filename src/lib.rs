@@ -10,7 +10,7 @@
 //! - [`config`], [`home`]: the mesh config file and the home folder.
 //! - [`mcp`]: the MCP stdio server assistants launch, with the democratic broker election.
 //! - [`cli`]: the subcommands.
-//! - [`bench`]: the load generator behind `ipc-mesh bench`.
+//! - [`bench`](mod@bench): the load generator behind `ipc-mesh bench`.
 
 pub mod auth;
 pub mod bench;

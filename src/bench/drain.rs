@@ -7,7 +7,7 @@
 //!    B. `queued_per_sec` is backlog over the time to the last acknowledgement.
 //! 3. `rss_mib` is A's resident memory with the whole backlog queued.
 //! 4. Restart B; once it answers, start the clock. The recipient registers again with its
-//!    token and fetches pages of [`PAGE`] (`mark_read`) until it has every message; A's status
+//!    token and fetches pages of `PAGE` (`mark_read`) until it has every message; A's status
 //!    is polled until its outbox for B is empty. `drain_ms` is until both are true;
 //!    `drain_per_sec` is backlog over that.
 

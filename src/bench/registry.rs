@@ -7,7 +7,7 @@
 //! 2. Read every broker's `mesh.links_opened`: half their sum is the links opened in all (each
 //!    link counts at both ends); `extra_links` is what that exceeds N(N−1)/2 by.
 //! 3. `registrations` times: register a fresh agent (no token) on a random broker, and from its
-//!    reply poll every broker's `list` every [`POLL`] until all of them show the name; that
+//!    reply poll every broker's `list` every `POLL` until all of them show the name; that
 //!    span is one propagation sample.
 //! 4. `propagation_*_ms` are percentiles of those samples.
 

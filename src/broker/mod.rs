@@ -2,7 +2,7 @@
 //!
 //! A request travels like this:
 //!
-//! 1. [`server`] accepts a TCP connection (bounded by a semaphore) and hands it to [`session`].
+//! 1. [`server`] accepts a TCP connection (bounded by a semaphore) and hands it to `session`.
 //! 2. The session reads the hello, answers with a welcome, then reads request frames.
 //! 3. Each request goes to [`Broker::handle`], which validates it and, under the broker lock,
 //!    applies its writes to the storage engine in one atomic batch. It returns an [`Outcome`]:
