@@ -43,15 +43,9 @@ impl ClientSecret {
     /// The secret file's text: one secret per non-empty line (whitespace trimmed), the current
     /// one first, as for peers.
     pub fn from_lines(text: &[u8]) -> Result<ClientSecret> {
-        let mut lines = text
-            .split(|b| *b == b'\n')
-            .map(|l| l.trim_ascii())
-            .filter(|l| !l.is_empty());
-        let first = lines
-            .next()
-            .ok_or_else(|| Error::Config("the mesh secret is empty".into()))?;
+        let (first, previous) = crate::config::secret_lines(text)?;
         let mut secret = ClientSecret::new(first.to_vec())?;
-        for previous in lines {
+        for previous in previous {
             secret.previous.push(long_enough(previous.to_vec())?);
         }
         Ok(secret)

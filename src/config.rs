@@ -298,6 +298,17 @@ pub fn load_secret(mesh: &MeshConfig) -> Result<Option<federation::auth::Secret>
 fn parse_secrets(text: &[u8]) -> Result<federation::auth::Secret> {
     let text = zeroize::Zeroizing::new(text.to_vec());
     let bad = |e: federation::Error| Error::Config(format!("mesh secret: {e}"));
+    let (first, previous) = secret_lines(&text)?;
+    let mut secret = federation::auth::Secret::new(first.to_vec()).map_err(bad)?;
+    for previous in previous {
+        secret = secret.with_previous(previous.to_vec()).map_err(bad)?;
+    }
+    Ok(secret)
+}
+
+/// A secret file's secrets: one per non-empty line, surrounding whitespace trimmed; the
+/// current one, and the previous ones still accepted during a rotation.
+pub(crate) fn secret_lines(text: &[u8]) -> Result<(&[u8], Vec<&[u8]>)> {
     let mut lines = text
         .split(|b| *b == b'\n')
         .map(|l| l.trim_ascii())
@@ -305,11 +316,7 @@ fn parse_secrets(text: &[u8]) -> Result<federation::auth::Secret> {
     let first = lines
         .next()
         .ok_or_else(|| Error::Config("the mesh secret is empty".into()))?;
-    let mut secret = federation::auth::Secret::new(first.to_vec()).map_err(bad)?;
-    for previous in lines {
-        secret = secret.with_previous(previous.to_vec()).map_err(bad)?;
-    }
-    Ok(secret)
+    Ok((first, lines.collect()))
 }
 
 /// The mesh secret for client authentication, from the same place as [`load_secret`].

@@ -495,81 +495,154 @@ async fn read_n(addr: &str, home: &std::path::Path, name: &str, want: usize) -> 
     got
 }
 
-/// The scenario the chaos suite found: alice sends from broker A while A is cut off, moves to
-/// broker B and goes on sending. B's messages must not overtake A's: bob (on C) sees none of
-/// them until A is back and has delivered its own, then all of them in the order sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sender_that_moves_while_its_old_broker_is_cut_off_stays_in_order() {
-    let (ha, hb, hc) = (temp_home(), temp_home(), temp_home());
-    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
-    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
-    let c_addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
-    // Every peer link runs through the proxy of the broker dialled.
-    let pa = Proxy::start("127.0.0.5", &a_addr);
-    let pb = Proxy::start("127.0.0.5", &b_addr);
-    let pc = Proxy::start("127.0.0.5", &c_addr);
-    let _a = broker(ha.path(), &a_addr, Some(&pa.addr), &[]);
-    let _b = broker(hb.path(), &b_addr, Some(&pb.addr), &[&pa.addr]);
-    let _c = broker(hc.path(), &c_addr, Some(&pc.addr), &[&pa.addr]);
-    drop(agent(&c_addr, hc.path(), "bob").await);
-    // alice keeps her token in A's home, and takes it along when she moves. She stays
-    // connected to A (registering there again during the cut would bump her claim past the
-    // one B knows of, and her move to B would then tie with it).
-    let mut alice = agent(&a_addr, ha.path(), "alice").await;
-    until_listed(ha.path(), &a_addr, "bob");
-    until_listed(hb.path(), &b_addr, "alice");
+/// Three brokers A, B and C on 127.0.0.2–4, each reached by its peers only through a proxy of
+/// its own (on 127.0.0.5), so that a test can cut any one of them off and heal it again.
+struct Proxied {
+    homes: Vec<tempfile::TempDir>,
+    addrs: Vec<String>,
+    proxies: Vec<Proxy>,
+    _brokers: Vec<BrokerProc>,
+}
 
-    // A is cut off from both: what alice sends there waits in A's outbox.
-    pa.cut();
-    pb.block_from("127.0.0.2");
-    pc.block_from("127.0.0.2");
-    for i in 0..50 {
-        alice
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+impl Proxied {
+    fn start() -> Proxied {
+        let ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+        let homes: Vec<_> = ips.iter().map(|_| temp_home()).collect();
+        let addrs: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port(ip)))
+            .collect();
+        let proxies: Vec<Proxy> = addrs.iter().map(|a| Proxy::start("127.0.0.5", a)).collect();
+        let seed = proxies[A].addr.clone();
+        let brokers = (0..3)
+            .map(|i| {
+                let peers: Vec<&str> = if i == A { vec![] } else { vec![&seed] };
+                broker(homes[i].path(), &addrs[i], Some(&proxies[i].addr), &peers)
+            })
+            .collect();
+        Proxied {
+            homes,
+            addrs,
+            proxies,
+            _brokers: brokers,
+        }
+    }
+
+    fn home(&self, i: usize) -> &std::path::Path {
+        self.homes[i].path()
+    }
+
+    fn addr(&self, i: usize) -> &str {
+        &self.addrs[i]
+    }
+
+    /// Cuts broker `i` off from both others, both ways.
+    fn isolate(&self, i: usize) {
+        let ip = self.addrs[i].split(':').next().unwrap().to_string();
+        self.proxies[i].cut();
+        for (j, p) in self.proxies.iter().enumerate() {
+            if j != i {
+                p.block_from(&ip);
+            }
+        }
+    }
+
+    fn heal(&self) {
+        self.proxies.iter().for_each(Proxy::heal);
+    }
+
+    fn status(&self, i: usize) -> serde_json::Value {
+        status_json(self.home(i), self.addr(i))
+    }
+}
+
+/// Sends messages numbered `range` to `to`, each acknowledged before the next.
+async fn send_range(client: &mut Client, to: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        client
             .send(Outgoing {
-                to: "bob".into(),
+                to: to.into(),
                 content: format!("{i:03}"),
                 ..Default::default()
             })
             .await
             .unwrap();
     }
-    drop(alice);
-    // alice moves to B and goes on.
-    let mut alice = agent(&b_addr, ha.path(), "alice").await;
-    for i in 50..100 {
-        alice
-            .send(Outgoing {
-                to: "bob".into(),
-                content: format!("{i:03}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    eventually(Duration::from_secs(15), "C holds B's 50", || {
-        status_json(hc.path(), &c_addr)["counters"]["messages_fenced"] == 50
-    });
-    let mut bob = agent(&c_addr, hc.path(), "bob").await;
-    let (early, _) = bob
+}
+
+/// Asserts `client` has nothing to read now; `what` says what would have gone wrong.
+async fn assert_nothing_yet(client: &mut Client, what: &str) {
+    let (early, _) = client
         .check(Some(Duration::from_millis(500)), 1000)
         .await
         .unwrap();
     assert!(
         early.is_empty(),
-        "alice's messages from B overtook those still at A: {:?}",
+        "{what}: {:?}",
         early.iter().map(|m| &m.content).collect::<Vec<_>>()
     );
-    drop(bob);
+}
 
-    pa.heal();
-    pb.heal();
-    pc.heal();
-    let got = read_n(&c_addr, hc.path(), "bob", 100).await;
-    let want: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
+/// Reads `n` messages for `name` at broker `at` and asserts they are 000.. in order, and that
+/// the broker holds nothing back any more and gave up no fence.
+async fn assert_all_in_order(
+    mesh: &Proxied,
+    at: usize,
+    home: &std::path::Path,
+    name: &str,
+    n: usize,
+) {
+    let got = read_n(mesh.addr(at), home, name, n).await;
+    let want: Vec<String> = (0..n).map(|i| format!("{i:03}")).collect();
     assert_eq!(got, want, "every message once, in the order sent");
-    let s = status_json(hc.path(), &c_addr);
+    let s = mesh.status(at);
     assert_eq!(s["counters"]["messages_fenced"], 0);
     assert_eq!(s["counters"]["fences_given_up"], 0);
+}
+
+/// Waits until broker `at` holds `n` messages back.
+fn until_fenced(mesh: &Proxied, at: usize, n: u64, what: &str) {
+    eventually(Duration::from_secs(15), what, || {
+        mesh.status(at)["counters"]["messages_fenced"] == n
+    });
+}
+
+/// The scenario the chaos suite found: alice sends from broker A while A is cut off, moves to
+/// broker B and goes on sending. B's messages must not overtake A's: bob (on C) sees none of
+/// them until A is back and has delivered its own, then all of them in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_moves_while_its_old_broker_is_cut_off_stays_in_order() {
+    let m = Proxied::start();
+    drop(agent(m.addr(C), m.home(C), "bob").await);
+    // alice keeps her token in A's home, and takes it along when she moves. She stays
+    // connected to A (registering there again during the cut would bump her claim past the
+    // one B knows of, and her move to B would then tie with it).
+    let mut alice = agent(m.addr(A), m.home(A), "alice").await;
+    until_listed(m.home(A), m.addr(A), "bob");
+    until_listed(m.home(B), m.addr(B), "alice");
+
+    // A is cut off from both: what alice sends there waits in A's outbox.
+    m.isolate(A);
+    send_range(&mut alice, "bob", 0..50).await;
+    drop(alice);
+    // alice moves to B and goes on.
+    let mut alice = agent(m.addr(B), m.home(A), "alice").await;
+    send_range(&mut alice, "bob", 50..100).await;
+    until_fenced(&m, C, 50, "C holds B's 50");
+    let mut bob = agent(m.addr(C), m.home(C), "bob").await;
+    assert_nothing_yet(
+        &mut bob,
+        "alice's messages from B overtook those still at A",
+    )
+    .await;
+    drop(bob);
+
+    m.heal();
+    assert_all_in_order(&m, C, m.home(C), "bob", 100).await;
 }
 
 /// The scenario the chaos suite found: bob reads a broadcast on broker B, then moves to broker
@@ -577,31 +650,20 @@ async fn a_sender_that_moves_while_its_old_broker_is_cut_off_stays_in_order() {
 /// reach bob a second time (the broadcast named bob for B), while C's own agents still get it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broadcast_read_before_its_recipient_moved_is_not_delivered_again() {
-    let (ha, hb, hc) = (temp_home(), temp_home(), temp_home());
-    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
-    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
-    let c_addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
-    let pa = Proxy::start("127.0.0.5", &a_addr);
-    let pb = Proxy::start("127.0.0.5", &b_addr);
-    let pc = Proxy::start("127.0.0.5", &c_addr);
-    let _a = broker(ha.path(), &a_addr, Some(&pa.addr), &[]);
-    let _b = broker(hb.path(), &b_addr, Some(&pb.addr), &[&pa.addr]);
-    let _c = broker(hc.path(), &c_addr, Some(&pc.addr), &[&pa.addr]);
-    drop(agent(&b_addr, hb.path(), "bob").await);
-    drop(agent(&c_addr, hc.path(), "carol").await);
-    until_listed(ha.path(), &a_addr, "bob");
-    until_listed(ha.path(), &a_addr, "carol");
-    until_listed(hc.path(), &c_addr, "bob");
+    let m = Proxied::start();
+    drop(agent(m.addr(B), m.home(B), "bob").await);
+    drop(agent(m.addr(C), m.home(C), "carol").await);
+    until_listed(m.home(A), m.addr(A), "bob");
+    until_listed(m.home(A), m.addr(A), "carol");
+    until_listed(m.home(C), m.addr(C), "bob");
     // bob stays connected to B (registering again there would bump his claim past the one C
     // saw before the cut, and his move to C would then lose).
-    let mut bob_b = agent(&b_addr, hb.path(), "bob").await;
-    until_listed(hc.path(), &c_addr, "bob");
+    let mut bob_b = agent(m.addr(B), m.home(B), "bob").await;
+    until_listed(m.home(C), m.addr(C), "bob");
 
     // C is cut off from both: the broadcast waits in A's outbox for it.
-    pc.cut();
-    pa.block_from("127.0.0.4");
-    pb.block_from("127.0.0.4");
-    let mut alice = agent(&a_addr, ha.path(), "alice").await;
+    m.isolate(C);
+    let mut alice = agent(m.addr(A), m.home(A), "alice").await;
     match alice.broadcast("all hands", None).await.unwrap() {
         Reply::Broadcast { reached, .. } => assert_eq!(reached, 2),
         r => panic!("{r:?}"),
@@ -614,23 +676,16 @@ async fn a_broadcast_read_before_its_recipient_moved_is_not_delivered_again() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].content, "all hands");
     drop(bob_b);
-    let mut bob = agent(&c_addr, hb.path(), "bob").await;
+    let mut bob = agent(m.addr(C), m.home(B), "bob").await;
 
-    pa.heal();
-    pb.heal();
-    pc.heal();
-    assert_eq!(read_n(&c_addr, hc.path(), "carol", 1).await, ["all hands"]);
+    m.heal();
+    assert_eq!(
+        read_n(m.addr(C), m.home(C), "carol", 1).await,
+        ["all hands"]
+    );
     // carol's copy and any copy for bob came in the same envelope; give forwarding a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (again, _) = bob
-        .check(Some(Duration::from_millis(500)), 10)
-        .await
-        .unwrap();
-    assert!(
-        again.is_empty(),
-        "bob got the broadcast a second time after moving: {:?}",
-        again.iter().map(|m| &m.content).collect::<Vec<_>>()
-    );
+    assert_nothing_yet(&mut bob, "bob got the broadcast a second time after moving").await;
 }
 
 /// The scenario the chaos suite found: alice's messages to bob wait in her broker's outbox for
@@ -639,66 +694,32 @@ async fn a_broadcast_read_before_its_recipient_moved_is_not_delivered_again() {
 /// has passed the earlier ones on, then bob gets all of them in the order sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_that_moves_while_messages_to_it_are_stuck_gets_them_in_order() {
-    let (ha, hb, hc) = (temp_home(), temp_home(), temp_home());
-    let a_addr = format!("127.0.0.2:{}", free_port("127.0.0.2"));
-    let b_addr = format!("127.0.0.3:{}", free_port("127.0.0.3"));
-    let c_addr = format!("127.0.0.4:{}", free_port("127.0.0.4"));
-    let pa = Proxy::start("127.0.0.5", &a_addr);
-    let pb = Proxy::start("127.0.0.5", &b_addr);
-    let pc = Proxy::start("127.0.0.5", &c_addr);
-    let _a = broker(ha.path(), &a_addr, Some(&pa.addr), &[]);
-    let _b = broker(hb.path(), &b_addr, Some(&pb.addr), &[&pa.addr]);
-    let _c = broker(hc.path(), &c_addr, Some(&pc.addr), &[&pa.addr]);
-    drop(agent(&b_addr, hb.path(), "bob").await);
-    let mut alice = agent(&a_addr, ha.path(), "alice").await;
-    until_listed(ha.path(), &a_addr, "bob");
-    until_listed(hc.path(), &c_addr, "bob");
+    let m = Proxied::start();
+    drop(agent(m.addr(B), m.home(B), "bob").await);
+    let mut alice = agent(m.addr(A), m.home(A), "alice").await;
+    until_listed(m.home(A), m.addr(A), "bob");
+    until_listed(m.home(C), m.addr(C), "bob");
 
     // B is cut off from both: what alice sends bob waits in A's outbox for B.
-    pb.cut();
-    pa.block_from("127.0.0.3");
-    pc.block_from("127.0.0.3");
-    let send = |i: usize| Outgoing {
-        to: "bob".into(),
-        content: format!("{i:03}"),
-        ..Default::default()
-    };
-    for i in 0..50 {
-        alice.send(send(i)).await.unwrap();
-    }
+    m.isolate(B);
+    send_range(&mut alice, "bob", 0..50).await;
     // bob moves to C; once A has heard, alice's messages go straight there.
-    let mut bob = agent(&c_addr, hb.path(), "bob").await;
+    let mut bob = agent(m.addr(C), m.home(B), "bob").await;
+    let c_id = m.status(C)["broker"]["id"].clone();
     eventually(Duration::from_secs(15), "A routes bob to C", || {
-        let s = status_json(ha.path(), &a_addr);
-        let c_id = status_json(hc.path(), &c_addr)["broker"]["id"].clone();
-        s["agents"]
+        m.status(A)["agents"]
             .as_array()
             .is_some_and(|a| a.iter().any(|e| e["name"] == "bob" && e["broker"] == c_id))
     });
-    for i in 50..100 {
-        alice.send(send(i)).await.unwrap();
-    }
-    eventually(Duration::from_secs(15), "C holds A's 50 for bob", || {
-        status_json(hc.path(), &c_addr)["counters"]["messages_fenced"] == 50
-    });
-    let (early, _) = bob
-        .check(Some(Duration::from_millis(500)), 1000)
-        .await
-        .unwrap();
-    assert!(
-        early.is_empty(),
-        "messages sent to bob at C overtook those stuck on the way to B: {:?}",
-        early.iter().map(|m| &m.content).collect::<Vec<_>>()
-    );
+    send_range(&mut alice, "bob", 50..100).await;
+    until_fenced(&m, C, 50, "C holds A's 50 for bob");
+    assert_nothing_yet(
+        &mut bob,
+        "messages sent to bob at C overtook those stuck on the way to B",
+    )
+    .await;
     drop(bob);
 
-    pa.heal();
-    pb.heal();
-    pc.heal();
-    let got = read_n(&c_addr, hb.path(), "bob", 100).await;
-    let want: Vec<String> = (0..100).map(|i| format!("{i:03}")).collect();
-    assert_eq!(got, want, "every message once, in the order sent");
-    let s = status_json(hc.path(), &c_addr);
-    assert_eq!(s["counters"]["messages_fenced"], 0);
-    assert_eq!(s["counters"]["fences_given_up"], 0);
+    m.heal();
+    assert_all_in_order(&m, C, m.home(B), "bob", 100).await;
 }

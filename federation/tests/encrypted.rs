@@ -7,13 +7,15 @@
 //! plaintext where encryption is required (a downgrade), are refused, and both sides record
 //! the refusal. A recorded handshake replayed against the acceptor is refused too.
 
+mod common;
+
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -25,8 +27,7 @@ use federation::driver::{self, Handle, Notice};
 use federation::link::{Encrypt, LinkConfig};
 use federation::node::{Event, Node, NodeConfig, Timing};
 use federation::sim::MemStore;
-use federation::transport::{BoxStream, DialFuture, Dialer, MemNetwork, PeerStream, TcpDialer};
-use federation::wire::{Hello, Role};
+use federation::transport::{BoxStream, DialFuture, Dialer, MemNetwork, TcpDialer};
 use federation::BrokerId;
 
 #[derive(Clone, Copy, Debug)]
@@ -137,18 +138,6 @@ struct Net {
     tracker: TaskTracker,
 }
 
-/// Reads the hello of an accepted connection and hands it to the driver, flag and all.
-async fn adopt<S: PeerStream>(handle: Handle, stream: S, remote: String) {
-    let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
-    if let Some(Ok(frame)) = framed.next().await {
-        if let Ok(h) = Hello::decode(&frame) {
-            if h.role == Role::Peer {
-                handle.accept_hello(driver::rebox(framed), remote, h).await;
-            }
-        }
-    }
-}
-
 impl Net {
     fn new(kind: Kind) -> Net {
         Net {
@@ -213,35 +202,14 @@ impl Net {
             &self.tracker,
             links,
         );
-        let (h, c) = (handle.clone(), cancel);
-        match listener {
-            Some(l) => {
-                self.tracker.spawn(async move {
-                    loop {
-                        tokio::select! {
-                            a = l.accept() => if let Ok((s, remote)) = a {
-                                tokio::spawn(adopt(h.clone(), s, remote.to_string()));
-                            },
-                            _ = c.cancelled() => return,
-                        }
-                    }
-                });
-            }
-            None => {
-                let mut rx = self.mem.listen(&addr);
-                self.tracker.spawn(async move {
-                    loop {
-                        tokio::select! {
-                            a = rx.recv() => match a {
-                                Some((s, remote)) => { tokio::spawn(adopt(h.clone(), s, remote)); }
-                                None => return,
-                            },
-                            _ = c.cancelled() => return,
-                        }
-                    }
-                });
-            }
-        }
+        common::serve(
+            &self.tracker,
+            &self.mem,
+            &addr,
+            listener,
+            handle.clone(),
+            cancel,
+        );
         self.brokers.push(Broker {
             addr,
             handle,

@@ -1,20 +1,19 @@
 //! The same mesh scenarios over both transports: real TCP on loopback, and the in-memory
 //! network. Links are cut with [`Cuts`], which works the same over either.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use federation::driver::{self, Handle, Notice};
 use federation::node::{Event, Node, NodeConfig, Timing};
 use federation::sim::MemStore;
-use federation::transport::{Cuts, Dialer, MemNetwork, PeerStream, TcpDialer};
-use federation::wire::{Hello, Role};
+use federation::transport::{Cuts, Dialer, MemNetwork, TcpDialer};
 use federation::BrokerId;
 
 #[derive(Clone, Copy, Debug)]
@@ -49,16 +48,6 @@ fn timing() -> Timing {
         yield_ms: 600,
         window: 64,
         ack_timeout_ms: 2_000,
-    }
-}
-
-/// Reads the hello of an accepted connection and hands the link to the node.
-async fn adopt<S: PeerStream>(handle: Handle, stream: S, remote: String) {
-    let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
-    if let Some(Ok(frame)) = framed.next().await {
-        if matches!(Hello::decode(&frame), Ok(h) if h.role == Role::Peer) {
-            handle.accept(driver::rebox(framed), remote).await;
-        }
     }
 }
 
@@ -105,35 +94,14 @@ impl Net {
         let (ntx, nrx) = mpsc::channel(1024);
         let store = Arc::new(MemStore::new(id));
         let handle = driver::spawn(node, dialer, store, ntx, cancel.clone(), &self.tracker);
-        let (h, c) = (handle.clone(), cancel.clone());
-        match listener {
-            Some(l) => {
-                self.tracker.spawn(async move {
-                    loop {
-                        tokio::select! {
-                            a = l.accept() => if let Ok((s, remote)) = a {
-                                tokio::spawn(adopt(h.clone(), s, remote.to_string()));
-                            },
-                            _ = c.cancelled() => return,
-                        }
-                    }
-                });
-            }
-            None => {
-                let mut rx = self.mem.listen(&addr);
-                self.tracker.spawn(async move {
-                    loop {
-                        tokio::select! {
-                            a = rx.recv() => match a {
-                                Some((s, remote)) => { tokio::spawn(adopt(h.clone(), s, remote)); }
-                                None => return,
-                            },
-                            _ = c.cancelled() => return,
-                        }
-                    }
-                });
-            }
-        }
+        common::serve(
+            &self.tracker,
+            &self.mem,
+            &addr,
+            listener,
+            handle.clone(),
+            cancel.clone(),
+        );
         self.brokers.push(Broker {
             addr,
             handle,

@@ -34,26 +34,12 @@ use federation::{AgentName, BrokerId, Dot, Message};
 
 use super::{Broker, State};
 use crate::error::{Error, Result};
-use crate::storage::{Batch, Engine};
+use crate::storage::{keys, Batch, Engine};
 
 /// How long a message waits for its sender's old broker before it is delivered anyway.
 /// Longer than a restart or a typical partition; short enough that an old broker that never
 /// comes back delays its agents' new messages by a minute, not for ever.
 pub const FENCE_WAIT_MS: u64 = 60_000;
-
-/// Closed fences: `g` + sender + `\0` + old broker (u32 BE) → highest closed incarnation.
-pub const CLOSED: u8 = b'g';
-/// Held entries: `h` + sender + `\0` + old broker + position (u64 BE) → encoded entry.
-pub const HELD: u8 = b'h';
-/// Redirects seen: `i` + recipient + `\0` + sending broker → highest marker sequence.
-pub const REDIRECTED: u8 = b'i';
-/// Copies waiting for a redirect marker: `j` + recipient + `\0` + sending broker + position.
-pub const WAITING: u8 = b'j';
-/// Where this broker last sent each recipient's messages: `t` + recipient → broker (u32 BE)
-/// and the sequence of the last marker sent for it (u64 BE).
-pub const ROUTE: u8 = b't';
-/// Markers parked until their recipient leaves: `v` + recipient + `\0` + position → marker.
-pub const PARKED: u8 = b'v';
 
 /// The two books: fences of moved senders, redirects of moved recipients.
 #[derive(Clone, Copy)]
@@ -65,8 +51,8 @@ pub(super) enum Book {
 impl Book {
     fn spaces(self) -> (u8, u8) {
         match self {
-            Book::Sender => (CLOSED, HELD),
-            Book::Recipient => (REDIRECTED, WAITING),
+            Book::Sender => (keys::FENCE_CLOSED, keys::FENCE_HELD),
+            Book::Recipient => (keys::REDIRECTED, keys::REDIRECT_WAITING),
         }
     }
 
@@ -78,16 +64,8 @@ impl Book {
     }
 }
 
-fn name_key(space: u8, name: &AgentName) -> Vec<u8> {
-    let mut k = Vec::with_capacity(name.as_str().len() + 14);
-    k.push(space);
-    k.extend_from_slice(name.as_str().as_bytes());
-    k.push(0);
-    k
-}
-
 fn prefix(space: u8, from: &AgentName, broker: BrokerId) -> Vec<u8> {
-    let mut k = name_key(space, from);
+    let mut k = keys::inbox_prefix(space, from);
     k.extend_from_slice(&broker.as_u32().to_be_bytes());
     k
 }
@@ -146,7 +124,7 @@ pub(super) type Parked = BTreeMap<AgentName, Vec<(u64, Marker)>>;
 
 pub(super) fn load_routes(engine: &dyn Engine) -> Result<(Routes, Parked)> {
     let mut routes = Routes::new();
-    for (k, v) in engine.scan(&[ROUTE], None, usize::MAX)? {
+    for (k, v) in engine.scan(&[keys::ROUTE], None, usize::MAX)? {
         let name = std::str::from_utf8(&k[1..k.len().saturating_sub(1)])
             .ok()
             .and_then(|n| AgentName::new(n).ok());
@@ -158,7 +136,7 @@ pub(super) fn load_routes(engine: &dyn Engine) -> Result<(Routes, Parked)> {
         routes.insert(name, (broker, mark));
     }
     let mut parked = Parked::new();
-    for (k, v) in engine.scan(&[PARKED], None, usize::MAX)? {
+    for (k, v) in engine.scan(&[keys::PARKED_MARKER], None, usize::MAX)? {
         let rest = &k[1..];
         let nul = rest.iter().position(|b| *b == 0);
         let name = nul
@@ -177,11 +155,11 @@ pub(super) fn load_routes(engine: &dyn Engine) -> Result<(Routes, Parked)> {
 }
 
 fn route_key(name: &AgentName) -> Vec<u8> {
-    name_key(ROUTE, name)
+    keys::inbox_prefix(keys::ROUTE, name)
 }
 
 fn parked_key(name: &AgentName, pos: u64) -> Vec<u8> {
-    let mut k = name_key(PARKED, name);
+    let mut k = keys::inbox_prefix(keys::PARKED_MARKER, name);
     k.extend_from_slice(&pos.to_be_bytes());
     k
 }
@@ -198,28 +176,28 @@ impl Broker {
         m: &Message,
         wait: Option<u64>,
     ) -> bool {
-        let mut m = m.clone();
-        m.to = to.clone();
-        if let Some(fence) = m.after.filter(|f| s.fences.must_hold(&m.from, Some(*f))) {
-            let from = m.from.clone();
-            let item = Held::Message {
-                to: to.clone(),
-                message: m,
+        // Most messages wait for nothing: decide before copying anything.
+        let (book, who, fence) =
+            if let Some(f) = m.after.filter(|f| s.fences.must_hold(&m.from, Some(*f))) {
+                (Book::Sender, &m.from, f)
+            } else if let Some(f) = wait
+                .map(|mark| Fence {
+                    broker: m.dot.origin,
+                    incarnation: mark,
+                })
+                .filter(|f| s.redirects.must_hold(to, Some(*f)))
+            {
+                (Book::Recipient, to, f)
+            } else {
+                return false;
             };
-            return self.hold(s, batch, Book::Sender, &from, fence, item);
-        }
-        let redirect = wait.map(|mark| Fence {
-            broker: m.dot.origin,
-            incarnation: mark,
-        });
-        if let Some(fence) = redirect.filter(|f| s.redirects.must_hold(to, Some(*f))) {
-            let item = Held::Message {
-                to: to.clone(),
-                message: m,
-            };
-            return self.hold(s, batch, Book::Recipient, to, fence, item);
-        }
-        false
+        let mut message = m.clone();
+        message.to = to.clone();
+        let item = Held::Message {
+            to: to.clone(),
+            message,
+        };
+        self.hold(s, batch, book, &who.clone(), fence, item)
     }
 
     /// Holds `item` behind `fence` in `book`, keyed by `who` (the sender, or the recipient).
@@ -493,8 +471,14 @@ mod tests {
     fn keys_parse_back() {
         let n = AgentName::new("sam").unwrap();
         let b = BrokerId::from_u32(0xabcd);
-        assert_eq!(parse(&prefix(CLOSED, &n, b)), Some((n.clone(), b, None)));
-        assert_eq!(parse(&held_key(HELD, &n, b, 42)), Some((n, b, Some(42))));
+        assert_eq!(
+            parse(&prefix(keys::FENCE_CLOSED, &n, b)),
+            Some((n.clone(), b, None))
+        );
+        assert_eq!(
+            parse(&held_key(keys::FENCE_HELD, &n, b, 42)),
+            Some((n, b, Some(42)))
+        );
         assert_eq!(parse(b"h"), None);
     }
 }

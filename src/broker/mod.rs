@@ -1265,32 +1265,28 @@ impl Broker {
         // of them attached to it without being named for it leaves it to the copy named
         // elsewhere, which follows a moved agent. (Else an agent that read it before moving
         // would get it twice.)
+        let locals: Vec<AgentName> = s
+            .agents
+            .iter()
+            .filter(|(n, a)| **n != from && !a.record.is_forward())
+            .map(|(n, _)| n.clone())
+            .collect();
         let listed: BTreeSet<AgentName> = recipients_at
             .values()
             .flatten()
+            .chain(&locals)
             .cloned()
-            .chain(
-                s.agents
-                    .iter()
-                    .filter(|(n, a)| **n != from && !a.record.is_forward())
-                    .map(|(n, _)| n.clone()),
-            )
             .collect();
         // Recipients whose messages went to another broker before (they moved): the marker
         // to that broker goes first, on a lower sequence than the broadcast's.
         let me = self.inner.id;
         let mut routes = Batch::new();
-        let local_waits: HashMap<AgentName, u64> = listed
-            .iter()
-            .filter(|n| s.agents.get(*n).is_some_and(|a| !a.record.is_forward()))
-            .cloned()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter_map(|r| {
-                self.route_for(&mut s, &mut routes, &r, me)
-                    .map(|mark| (r, mark))
-            })
-            .collect();
+        let mut local_waits: HashMap<AgentName, u64> = HashMap::new();
+        for r in &locals {
+            if let Some(mark) = self.route_for(&mut s, &mut routes, r, me) {
+                local_waits.insert(r.clone(), mark);
+            }
+        }
         let mut remote_waits: BTreeMap<BrokerId, Vec<(AgentName, u64)>> = BTreeMap::new();
         for (dest, rs) in &recipients_at {
             for r in rs {
@@ -1312,24 +1308,17 @@ impl Broker {
             from: from.clone(),
             to: from.clone(),
             sent_at_ms: now,
-            content: content.clone(),
-            data: data.clone(),
+            content,
+            data,
             reply_to: None,
             kind: MessageKind::Broadcast,
             after: s.agents.get(&from).and_then(|a| a.record.after),
         };
-        let (epoch, local, skipped) = match self.deliver_to_all(
-            &mut s,
-            routes,
-            &from,
-            dot,
-            now,
-            (content, data),
-            &local_waits,
-        ) {
-            Ok(r) => r,
-            Err(e) => return Err(e).into(),
-        };
+        let (epoch, local, skipped) =
+            match self.deliver_to_all(&mut s, routes, message.clone(), &locals, &local_waits) {
+                Ok(r) => r,
+                Err(e) => return Err(e).into(),
+            };
         let epoch = if remote_brokers.is_empty() {
             epoch
         } else {
@@ -1367,41 +1356,22 @@ impl Broker {
         }
     }
 
-    /// Puts one broadcast (one dot) into the inbox of every registered agent but `from`, in
-    /// `batch`; a copy for an agent in `waits` waits for that redirect marker.
-    #[allow(clippy::too_many_arguments)]
+    /// Puts broadcast `message` into the inbox of each of `recipients` (this broker's agents),
+    /// in `batch`; a copy for an agent in `waits` waits for that redirect marker.
     fn deliver_to_all(
         &self,
         s: &mut State,
         mut batch: Batch,
-        from: &AgentName,
-        dot: Dot,
-        now: u64,
-        (content, data): (String, Option<String>),
+        mut message: Message,
+        recipients: &[AgentName],
         waits: &HashMap<AgentName, u64>,
     ) -> Result<(u64, u32, Vec<Skipped>), WireError> {
         let inbox_max = self.inner.config.limits.inbox_max as u64;
-        let recipients: Vec<AgentName> = s
-            .agents
-            .iter()
-            .filter(|(n, a)| *n != from && !a.record.is_forward())
-            .map(|(n, _)| n.clone())
-            .collect();
+        let dot = message.dot;
         let mut reached = Vec::new();
         let mut skipped = Vec::new();
-        let mut message = Message {
-            dot,
-            from: from.clone(),
-            to: from.clone(),
-            sent_at_ms: now,
-            content,
-            data,
-            reply_to: None,
-            kind: MessageKind::Broadcast,
-            after: s.agents.get(from).and_then(|a| a.record.after),
-        };
         let mut held = Vec::new();
-        for to in recipients {
+        for to in recipients.iter().cloned() {
             if Self::unread_of(s, &to) >= inbox_max {
                 skipped.push(Skipped {
                     name: to.to_string(),

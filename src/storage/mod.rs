@@ -98,6 +98,20 @@ pub mod keys {
     pub const CLOCK: u8 = b'c';
     /// Send dedup keys: `k` + sender + `\0` + key → encoded [`crate::broker::DedupEntry`].
     pub const DEDUP: u8 = b'k';
+    /// Fences and redirects (src/broker/fence.rs). Closed fences: `g` + sender + `\0` + old
+    /// broker (u32 BE) → highest closed incarnation.
+    pub const FENCE_CLOSED: u8 = b'g';
+    /// Messages held behind a fence: `h` + sender + `\0` + old broker + position (u64 BE) → encoded entry.
+    pub const FENCE_HELD: u8 = b'h';
+    /// Redirects seen: `i` + recipient + `\0` + sending broker → highest marker sequence.
+    pub const REDIRECTED: u8 = b'i';
+    /// Copies waiting for a redirect marker: `j` + recipient + `\0` + sending broker + position.
+    pub const REDIRECT_WAITING: u8 = b'j';
+    /// Where this broker last sent each recipient's messages: `t` + recipient → broker (u32 BE)
+    /// and the sequence of the last marker sent for it (u64 BE).
+    pub const ROUTE: u8 = b't';
+    /// Markers parked until their recipient leaves: `v` + recipient + `\0` + position → marker.
+    pub const PARKED_MARKER: u8 = b'v';
 
     pub fn meta(field: &str) -> Vec<u8> {
         let mut k = vec![META];
