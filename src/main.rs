@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use ipc_mesh::cli::{Cli, Command};
 
+/// jemalloc, not glibc's malloc: under load glibc spent about a third of the broker's CPU in
+/// malloc, much of it contending for arena locks (docs/benchmarks.md, "Where the time goes").
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.command);

@@ -79,7 +79,8 @@ impl Commit {
     }
 }
 
-fn unavailable() -> WireError {
+/// The error a reply gets when the write it answers for can no longer become durable.
+pub(super) fn unavailable() -> WireError {
     WireError::new(
         ErrorKind::Unavailable,
         "the broker could not make the write durable (storage failed or shutting down); retry",

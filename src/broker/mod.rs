@@ -7,9 +7,10 @@
 //! 3. Each request goes to [`Broker::handle`], which validates it and, under the broker lock,
 //!    applies its writes to the storage engine in one atomic batch. It returns an [`Outcome`]:
 //!    a reply now, a reply once the write is durable, or a wait for new messages.
-//! 4. The session waits on [`commit`] (group commit: one flush serves every write before it),
-//!    then sends the reply. Messages become visible to readers only once durable, and their
-//!    recipients' waiters are woken then.
+//! 4. The session's writer holds each reply that waits on [`commit`] (group commit: one flush
+//!    serves every write before it) and sends all a flush releases in one write. A message is
+//!    readable, and its recipient's waiters woken, as soon as it is written; every reply that
+//!    shows it waits for a flush that covers it (see `Broker::wake`).
 //! 5. [`retention`] sweeps read messages, expired unread ones (telling their senders) and
 //!    lapsed names in the background.
 //!
@@ -107,7 +108,7 @@ struct State {
     agents: BTreeMap<AgentName, Agent>,
     /// Unread messages per recipient, including those held for names not yet registered.
     unread: HashMap<AgentName, u64>,
-    /// Waiters of each agent, woken when a message for it becomes durable.
+    /// Waiters of each agent, woken when a message for it is written.
     waiters: HashMap<AgentName, Arc<Notify>>,
     next_seq: u64,
     seq_ceiling: u64,
@@ -115,7 +116,7 @@ struct State {
     epoch: u64,
     /// The highest inbox arrival position written.
     last_arrival: u64,
-    /// Recipients of messages written since the flusher last looked.
+    /// Recipients of messages put in a batch not yet applied; woken once it is.
     to_wake: Vec<AgentName>,
     rate: RateLimiter,
     /// Names this broker's agents lost to a newer claim elsewhere, with what to tell them.
@@ -500,9 +501,9 @@ impl Broker {
                 _ = wake.notified() => false,
                 _ = cancel.cancelled() => true,
             };
-            let (epoch, arrival, to_wake) = {
-                let mut s = self.state();
-                (s.epoch, s.last_arrival, std::mem::take(&mut s.to_wake))
+            let (epoch, arrival) = {
+                let s = self.state();
+                (s.epoch, s.last_arrival)
             };
             if epoch > durable.borrow().epoch || stopping {
                 let engine = self.inner.engine.clone();
@@ -515,11 +516,6 @@ impl Broker {
                             d.arrival = d.arrival.max(arrival);
                         });
                         let mut s = self.state();
-                        for name in to_wake {
-                            if let Some(n) = s.waiters.get(&name) {
-                                n.notify_waiters();
-                            }
-                        }
                         s.outbox_dirty = false;
                         drop(s);
                         // New envelopes are streamable, acknowledgements sendable.
@@ -690,7 +686,23 @@ impl Broker {
         self.inner.engine.apply(batch).map_err(storage_err)?;
         s.epoch += 1;
         self.inner.commit.request();
+        for name in std::mem::take(&mut s.to_wake) {
+            Self::wake(s, &name);
+        }
         Ok(s.epoch)
+    }
+
+    /// Wakes whoever waits for `agent`'s messages: one was just written to its inbox.
+    ///
+    /// A message is readable as soon as it is written, before the flush that makes it
+    /// durable: a read that marks it read is answered after the flush covering that mark,
+    /// which covers the arrival too, and a read that marks nothing waits for the arrival's
+    /// flush ([`Broker::fetch`]). So no reader ever sees a message a crash could take back,
+    /// and a delivery costs one flush, not two.
+    fn wake(s: &State, agent: &AgentName) {
+        if let Some(n) = s.waiters.get(agent) {
+            n.notify_waiters();
+        }
     }
 
     /// The next message sequence; reserves (and persists) another block when one runs out.
@@ -1186,7 +1198,7 @@ impl Broker {
         };
         if place == Place::Inbox && !held {
             *s.unread.entry(to.clone()).or_default() += 1;
-            s.to_wake.push(to);
+            Self::wake(&s, &to);
         }
         s.last_arrival = s.last_arrival.max(seq);
         let unread = Self::unread_of(&s, &from);
@@ -1394,7 +1406,9 @@ impl Broker {
             *s.unread.entry(to.clone()).or_default() += 1;
         }
         s.last_arrival = s.last_arrival.max(dot.seq);
-        s.to_wake.extend(reached.iter().cloned());
+        for to in &reached {
+            Self::wake(s, to);
+        }
         Ok((epoch, (reached.len() + held.len()) as u32, skipped))
     }
 
@@ -1407,14 +1421,16 @@ impl Broker {
         mark_read: bool,
     ) -> Outcome {
         let limit = limit.clamp(1, FETCH_MAX) as usize;
-        let visible = self.inner.commit.durable().arrival;
         let engine = &*self.inner.engine;
-        let mut entries = match inbox::unread(engine, agent, visible, limit, FETCH_BYTES) {
+        // Under the lock: two reads of one inbox at once must not both take a message.
+        let mut s = self.state();
+        let durable = self.inner.commit.durable().arrival;
+        let mut entries = match inbox::unread(engine, agent, u64::MAX, limit, FETCH_BYTES) {
             Ok(e) => e,
             Err(e) => return Err(storage_err(e)).into(),
         };
+        // What the reply must wait for: see [`Broker::wake`].
         let mut epoch = None;
-        let mut s = self.state();
         if mark_read && !entries.is_empty() {
             let now = now_ms();
             let mut batch = Batch::new();
@@ -1431,10 +1447,13 @@ impl Broker {
             }
         }
         let unread = Self::unread_of(&s, agent);
-        drop(s);
         if include_read {
             match inbox::read(engine, agent, limit, FETCH_BYTES) {
                 Ok(read) => {
+                    // A mark of another read may not be durable yet.
+                    if !read.is_empty() {
+                        epoch = epoch.or(Some(s.epoch));
+                    }
                     entries.extend(read);
                     entries.sort_by_key(|e| e.arrival);
                     entries.truncate(limit);
@@ -1442,6 +1461,10 @@ impl Broker {
                 Err(e) => return Err(storage_err(e)).into(),
             }
         }
+        if entries.iter().any(|e| e.arrival > durable) {
+            epoch = epoch.or(Some(s.epoch));
+        }
+        drop(s);
         let read_now = mark_read;
         let messages = entries
             .iter()
@@ -1454,10 +1477,9 @@ impl Broker {
         }
     }
 
-    /// Whether `agent` has a durable unread message.
+    /// Whether `agent` has an unread message.
     pub fn has_visible_unread(&self, agent: &AgentName) -> bool {
-        let visible = self.inner.commit.durable().arrival;
-        matches!(inbox::unread(&*self.inner.engine, agent, visible, 1, 0), Ok(v) if !v.is_empty())
+        matches!(inbox::unread(&*self.inner.engine, agent, u64::MAX, 1, 0), Ok(v) if !v.is_empty())
     }
 
     fn ack(&self, ctx: &SessionCtx, ids: Vec<String>) -> Outcome {
@@ -1473,9 +1495,8 @@ impl Broker {
                 Err(e) => return Err(WireError::from(e)).into(),
             }
         }
-        let visible = self.inner.commit.durable().arrival;
         let mut s = self.state();
-        let entries = match inbox::find_unread(&*self.inner.engine, &agent, visible, &wanted) {
+        let entries = match inbox::find_unread(&*self.inner.engine, &agent, u64::MAX, &wanted) {
             Ok(e) => e,
             Err(e) => return Err(storage_err(e)).into(),
         };
@@ -1686,7 +1707,9 @@ impl Broker {
             *s.unread.entry(to.clone()).or_default() += 1;
         }
         s.last_arrival = s.last_arrival.max(dot.seq);
-        s.to_wake.extend(reached);
+        for to in &reached {
+            Self::wake(s, to);
+        }
         Ok(epoch)
     }
 

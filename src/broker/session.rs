@@ -8,11 +8,13 @@
 //! 3. Read request frames in order (a frame whose first bytes arrived must be whole within
 //!    `frame_timeout`, else the connection closes); [`Broker::handle`] runs each one's synchronous part in
 //!    arrival order, which is what keeps one sender's messages in order.
-//! 4. Replies that wait (for a flush, or for a message) run as tasks, so a pipelining client
-//!    keeps the flusher busy with many writes per flush; each writes its reply when ready.
-//! 5. A writer task owns the socket's write half and batches replies into few syscalls.
+//! 4. Replies that wait for a flush go to the writer in order, which keeps them until a flush
+//!    covers them, so a pipelining client keeps the flusher busy with many writes per flush
+//!    and gets each flush's acknowledgements in one write. Waits for a message run as tasks.
+//! 5. The writer task owns the socket's write half and batches replies into few syscalls.
 //! 6. On close or shutdown, stop reading, let in-flight replies finish, then go.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -137,29 +139,18 @@ pub(super) async fn run(
     let partial = framed.codec().partial();
     let frame_timeout = broker.config().limits.frame_timeout;
 
-    let (mut sink, mut frames) = framed.split();
-    let (tx, mut rx) = mpsc::channel::<Response>(REPLY_QUEUE);
+    let (sink, mut frames) = framed.split();
+    let (tx, rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
     // Cancelled when replies can no longer be written: the connection is then closed, so the
     // client sees it end instead of waiting for answers that cannot come.
     let broken = CancellationToken::new();
-    let writer_broken = broken.clone();
-    let writer = tokio::spawn(async move {
-        let result: std::io::Result<()> = async {
-            while let Some(resp) = rx.recv().await {
-                sink.feed(Bytes::from(wire::encode(&resp))).await?;
-                while let Ok(resp) = rx.try_recv() {
-                    sink.feed(Bytes::from(wire::encode(&resp))).await?;
-                }
-                sink.flush().await?;
-            }
-            sink.close().await
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(%peer, error = %e, "cannot write to a client; closing its connection");
-            writer_broken.cancel();
-        }
-    });
+    let writer = tokio::spawn(write_replies(
+        sink,
+        rx,
+        broker.commit().clone(),
+        broken.clone(),
+        peer,
+    ));
 
     let mut ctx = SessionCtx {
         conn_id,
@@ -178,7 +169,7 @@ pub(super) async fn run(
                     humantime::format_duration(frame_timeout)
                 );
                 let _ = tx
-                    .send(error_frame(0, WireError::new(ErrorKind::Protocol, msg)))
+                    .send(error_frame(0, WireError::new(ErrorKind::Protocol, msg)).into())
                     .await;
                 break;
             }
@@ -194,7 +185,7 @@ pub(super) async fn run(
                         broker.config().limits.max_message_bytes
                     );
                     let _ = tx
-                        .send(error_frame(0, WireError::new(ErrorKind::TooLarge, msg)))
+                        .send(error_frame(0, WireError::new(ErrorKind::TooLarge, msg)).into())
                         .await;
                 } else {
                     tracing::debug!(%peer, error = %e, "connection read failed");
@@ -205,10 +196,13 @@ pub(super) async fn run(
         };
         if let Err(why) = connection::msgpack_depth_ok(&frame, connection::MAX_MSGPACK_DEPTH) {
             let _ = tx
-                .send(error_frame(
-                    0,
-                    WireError::new(ErrorKind::Protocol, format!("{why}; closing")),
-                ))
+                .send(
+                    error_frame(
+                        0,
+                        WireError::new(ErrorKind::Protocol, format!("{why}; closing")),
+                    )
+                    .into(),
+                )
                 .await;
             break;
         }
@@ -218,7 +212,7 @@ pub(super) async fn run(
                 Ok(h) => {
                     let msg = format!("unknown or malformed request: {e}");
                     if tx
-                        .send(error_frame(h.id, WireError::invalid(msg)))
+                        .send(error_frame(h.id, WireError::invalid(msg)).into())
                         .await
                         .is_err()
                     {
@@ -228,13 +222,16 @@ pub(super) async fn run(
                 }
                 Err(_) => {
                     let _ = tx
-                        .send(error_frame(
-                            0,
-                            WireError::new(
-                                ErrorKind::Protocol,
-                                format!("undecodable frame, closing: {e}"),
-                            ),
-                        ))
+                        .send(
+                            error_frame(
+                                0,
+                                WireError::new(
+                                    ErrorKind::Protocol,
+                                    format!("undecodable frame, closing: {e}"),
+                                ),
+                            )
+                            .into(),
+                        )
                         .await;
                     break;
                 }
@@ -243,16 +240,20 @@ pub(super) async fn run(
         let id = req.id;
         match broker.handle(&mut ctx, req.body) {
             Outcome::Now(result) => {
-                if tx.send(Response { id, result }).await.is_err() {
+                if tx.send(Response { id, result }.into()).await.is_err() {
                     break;
                 }
             }
             Outcome::AfterCommit { epoch, reply } => {
-                let (commit, tx) = (broker.commit().clone(), tx.clone());
-                in_flight.spawn(async move {
-                    let result = commit.wait(epoch).await.map(|()| reply);
-                    let _ = tx.send(Response { id, result }).await;
-                });
+                // The writer holds it until the flush that covers `epoch`, with the others
+                // that flush releases: one write for them all.
+                if tx
+                    .send(Outgoing::AfterCommit { epoch, id, reply })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
             }
             Outcome::Wait {
                 agent,
@@ -280,7 +281,7 @@ pub(super) async fn run(
                         }
                         Outcome::Wait { .. } => Err(WireError::internal("fetch cannot wait")),
                     };
-                    let _ = tx.send(Response { id, result }).await;
+                    let _ = tx.send(Response { id, result }.into()).await;
                 });
             }
         }
@@ -291,6 +292,104 @@ pub(super) async fn run(
     drop(tx);
     let _ = writer.await;
     broker.connection_closed(&ctx);
+}
+
+/// The socket's write half, as the writer owns it.
+type ReplySink = futures::stream::SplitSink<connection::FramedStream, Bytes>;
+
+/// What the writer is given to send.
+enum Outgoing {
+    /// A reply to send as soon as possible.
+    Now(Response),
+    /// A reply to send once every write up to `epoch` is durable.
+    AfterCommit { epoch: u64, id: u64, reply: Reply },
+}
+
+impl From<Response> for Outgoing {
+    fn from(r: Response) -> Self {
+        Outgoing::Now(r)
+    }
+}
+
+/// The writer: owns the socket's write half. Replies that wait for a flush queue here in
+/// arrival order (their epochs only grow) and leave together when a flush covers them, so a
+/// pipelining client gets each flush's acknowledgements in one write, not one write apiece.
+/// Runs until the reader is gone and every queued reply is written.
+async fn write_replies(
+    mut sink: ReplySink,
+    mut rx: mpsc::Receiver<Outgoing>,
+    commit: super::commit::Commit,
+    broken: CancellationToken,
+    peer: SocketAddr,
+) {
+    let mut durable = commit.subscribe();
+    let mut waiting: VecDeque<(u64, u64, Reply)> = VecDeque::new();
+    let result: std::io::Result<()> = async {
+        let mut reading = true;
+        while reading || !waiting.is_empty() {
+            let mut ready = Vec::new();
+            tokio::select! {
+                out = rx.recv(), if reading => match out {
+                    Some(out) => ready.push(out),
+                    None => reading = false,
+                },
+                changed = durable.changed(), if !waiting.is_empty() => {
+                    if changed.is_err() {
+                        // The flusher is gone: nothing queued can become durable now.
+                        for (_, id, _) in waiting.drain(..) {
+                            let result = Err(super::commit::unavailable());
+                            sink.feed(encode(&Response { id, result })).await?;
+                        }
+                        sink.flush().await?;
+                        continue;
+                    }
+                }
+            }
+            while let Ok(out) = rx.try_recv() {
+                ready.push(out);
+            }
+            let mut wrote = false;
+            for out in ready {
+                match out {
+                    Outgoing::Now(resp) => {
+                        sink.feed(encode(&resp)).await?;
+                        wrote = true;
+                    }
+                    Outgoing::AfterCommit { epoch, id, reply } => {
+                        waiting.push_back((epoch, id, reply));
+                    }
+                }
+            }
+            let d = *durable.borrow_and_update();
+            while let Some((epoch, _, _)) = waiting.front() {
+                let result = if *epoch <= d.epoch {
+                    Ok(())
+                } else if d.failed {
+                    Err(super::commit::unavailable())
+                } else {
+                    commit.request();
+                    break;
+                };
+                let (_, id, reply) = waiting.pop_front().expect("peeked");
+                let result = result.map(|()| reply);
+                sink.feed(encode(&Response { id, result })).await?;
+                wrote = true;
+            }
+            if wrote {
+                sink.flush().await?;
+            }
+        }
+        sink.close().await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(%peer, error = %e, "cannot write to a client; closing its connection");
+        broken.cancel();
+    }
+}
+
+fn encode(resp: &Response) -> Bytes {
+    Bytes::from(wire::encode(resp))
 }
 
 /// Completes when a frame has been partly received for `limit` (a slow or stuck sender);
