@@ -128,8 +128,6 @@ struct State {
     outbox_total: u64,
     /// The last sequence queued for each destination (the `prev` of the next envelope).
     last_to: BTreeMap<BrokerId, u64>,
-    /// An outbox was written since the flusher last looked: the mesh should stream.
-    outbox_dirty: bool,
     /// Every broker this one has linked with, and its address (persisted).
     members: BTreeMap<BrokerId, String>,
     /// Closed fences, and messages waiting for a moved sender's old broker ([`fence`]).
@@ -319,7 +317,6 @@ impl Broker {
                     outbox_depth,
                     outbox_total,
                     last_to,
-                    outbox_dirty: false,
                     members,
                     fences,
                     redirects,
@@ -515,9 +512,6 @@ impl Broker {
                             d.epoch = d.epoch.max(epoch);
                             d.arrival = d.arrival.max(arrival);
                         });
-                        let mut s = self.state();
-                        s.outbox_dirty = false;
-                        drop(s);
                         // New envelopes are streamable, acknowledgements sendable.
                         if let Some(m) = self.mesh() {
                             m.store_changed();
@@ -1224,7 +1218,6 @@ impl Broker {
         batch.put(outbox::key(dest, seq), federation::wire::encode(&env));
         *s.outbox_depth.entry(dest).or_default() += 1;
         s.outbox_total += 1;
-        s.outbox_dirty = true;
     }
 
     fn count_stored(&self, n: u64) {
