@@ -1,8 +1,20 @@
-//! Inboxes: each agent's unread and read messages, in arrival order, in the storage engine.
+//! Inboxes: each agent's messages in arrival order, and which of them were read, in the
+//! storage engine.
 //!
-//! A message enters an inbox unread (`u` keys). Marking it read moves it to the `r` keys with
-//! the time it was read, where it stays for the retention. All of it happens in [`Batch`]es
-//! the broker applies and then flushes before it answers.
+//! A message enters an inbox under a `u` key and stays there until the retention sweep (or a
+//! move, or a rename) takes it. Reading it adds a read mark: an `r` key at the same position
+//! whose value is when it was read (8 bytes). An entry with a mark is read; one without is
+//! unread. Marking a message read is therefore one small write, not a copy of the message.
+//!
+//! Every scan for unread messages starts at the agent's *read floor*: a position below which
+//! every entry is read (or gone). The broker keeps the floors in memory and moves each past
+//! what it hands out, so a read never walks the read messages kept for the retention. Floors
+//! stay true because new entries always arrive at fresh, higher positions; the one operation
+//! that brings old positions into an inbox, a rename, drops the floors it touches.
+//!
+//! All of it happens in [`Batch`]es the broker applies and then flushes before it answers.
+
+use std::collections::VecDeque;
 
 use federation::{AgentName, Message};
 
@@ -19,6 +31,14 @@ pub struct Entry {
     pub read_at_ms: Option<u64>,
 }
 
+/// The first unread entries of an inbox, and how far its read floor may move.
+#[derive(Debug)]
+pub struct Unread {
+    pub entries: Vec<Entry>,
+    /// Every entry below this position is read (or gone).
+    pub floor: u64,
+}
+
 pub fn encode_message(m: &Message) -> Vec<u8> {
     federation::wire::encode(m)
 }
@@ -27,151 +47,355 @@ pub fn decode_message(bytes: &[u8]) -> Result<Message> {
     federation::wire::decode(bytes).map_err(|e| Error::Storage(format!("corrupt message: {e}")))
 }
 
-/// Adds `message` to `to`'s unread messages at position `arrival`.
+/// Adds `message` to `to`'s inbox, unread, at position `arrival`.
 pub fn put_unread(batch: &mut Batch, to: &AgentName, arrival: u64, encoded: Vec<u8>) {
     batch.put(keys::inbox(keys::UNREAD, to, arrival), encoded);
 }
 
-/// Moves an unread entry to the read messages.
-pub fn mark_read(batch: &mut Batch, to: &AgentName, entry: &Entry, now_ms: u64) {
-    batch.delete(keys::inbox(keys::UNREAD, to, entry.arrival));
-    let mut v = now_ms.to_be_bytes().to_vec();
-    v.extend_from_slice(&encode_message(&entry.message));
-    batch.put(keys::inbox(keys::READ, to, entry.arrival), v);
+/// Marks the entry at `arrival` read at `now_ms`.
+pub fn mark_read(batch: &mut Batch, to: &AgentName, arrival: u64, now_ms: u64) {
+    batch.put(
+        keys::inbox(keys::READ, to, arrival),
+        now_ms.to_be_bytes().to_vec(),
+    );
 }
 
-/// Unread entries of `agent` with arrival ≤ `visible`, oldest first, at most `limit`, and at
-/// most about `byte_budget` bytes of content (always at least one entry when there is one).
+/// Takes the entry at `arrival` out of `to`'s inbox, with its read mark.
+pub fn remove(batch: &mut Batch, to: &AgentName, arrival: u64) {
+    batch.delete(keys::inbox(keys::UNREAD, to, arrival));
+    batch.delete(keys::inbox(keys::READ, to, arrival));
+}
+
+/// The unread entries of `agent` from its read `floor` on, oldest first: at most `limit`, and
+/// at most about `byte_budget` bytes of content (always at least one entry when there is one).
+/// The floor it returns has moved past the read entries it stepped over.
 pub fn unread(
     engine: &dyn Engine,
     agent: &AgentName,
-    visible: u64,
+    floor: u64,
     limit: usize,
     byte_budget: usize,
-) -> Result<Vec<Entry>> {
-    scan(engine, keys::UNREAD, agent, visible, limit, byte_budget)
+) -> Result<Unread> {
+    let mut out = Unread {
+        entries: Vec::new(),
+        floor,
+    };
+    let mut bytes = 0usize;
+    // A page no larger than needed: `has_unread` asks for one entry.
+    walk(engine, agent, floor, limit.clamp(1, 256), |raw| {
+        if out.entries.len() >= limit || (bytes >= byte_budget && !out.entries.is_empty()) {
+            return Ok(false);
+        }
+        if raw.read_at_ms.is_some() {
+            if out.entries.is_empty() {
+                out.floor = raw.arrival + 1;
+            }
+            return Ok(true);
+        }
+        let entry = raw.decode()?;
+        bytes += entry.message.content.len() + entry.message.data.as_ref().map_or(0, |d| d.len());
+        out.entries.push(entry);
+        Ok(true)
+    })?;
+    Ok(out)
 }
 
-/// The unread entries of `agent` (arrival ≤ `visible`) whose message is one of `wanted`,
+/// The unread entries of `agent` (from its read `floor` on) whose message is one of `wanted`,
 /// oldest first. Stops reading as soon as every wanted one is found: an acknowledgement names
 /// what a fetch just returned, which is the oldest unread, so this reads about a page.
 pub fn find_unread(
     engine: &dyn Engine,
     agent: &AgentName,
-    visible: u64,
+    floor: u64,
     wanted: &std::collections::HashSet<federation::Dot>,
 ) -> Result<Vec<Entry>> {
-    let prefix = keys::inbox_prefix(keys::UNREAD, agent);
     let mut out = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    'pages: while out.len() < wanted.len() {
-        let page = engine.scan(&prefix, after.as_deref(), 256)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        for (k, v) in &page {
-            let Some((_, arrival)) = keys::parse_inbox(k) else {
-                return Err(Error::Storage("corrupt inbox key".into()));
-            };
-            if arrival > visible {
-                break 'pages;
-            }
-            let entry = decode_entry(keys::UNREAD, arrival, v)?;
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    walk(engine, agent, floor, 256, |raw| {
+        if raw.read_at_ms.is_none() {
+            let entry = raw.decode()?;
             if wanted.contains(&entry.message.dot) {
                 out.push(entry);
-                if out.len() == wanted.len() {
-                    break 'pages;
-                }
             }
         }
-    }
+        Ok(out.len() < wanted.len())
+    })?;
     Ok(out)
 }
 
-/// Read entries of `agent`, oldest first.
+/// Read entries of `agent`, oldest first, at most `limit` and about `byte_budget` bytes.
 pub fn read(
     engine: &dyn Engine,
     agent: &AgentName,
     limit: usize,
     byte_budget: usize,
 ) -> Result<Vec<Entry>> {
-    scan(engine, keys::READ, agent, u64::MAX, limit, byte_budget)
-}
-
-fn scan(
-    engine: &dyn Engine,
-    space: u8,
-    agent: &AgentName,
-    visible: u64,
-    limit: usize,
-    byte_budget: usize,
-) -> Result<Vec<Entry>> {
-    let prefix = keys::inbox_prefix(space, agent);
-    let mut out = Vec::new();
+    let mut out: Vec<Entry> = Vec::new();
     let mut bytes = 0usize;
-    let mut after: Option<Vec<u8>> = None;
-    // A page no larger than needed: `has_visible_unread` asks for one entry, and every
-    // entry a page holds is a copy out of the engine.
-    let page_size = limit.clamp(1, 256);
-    'pages: loop {
-        let page = engine.scan(&prefix, after.as_deref(), page_size)?;
-        if page.is_empty() {
-            break;
+    walk(engine, agent, 0, limit.clamp(1, 256), |raw| {
+        if out.len() >= limit || (bytes >= byte_budget && !out.is_empty()) {
+            return Ok(false);
         }
-        for (k, v) in &page {
-            let Some((_, arrival)) = keys::parse_inbox(k) else {
-                return Err(Error::Storage("corrupt inbox key".into()));
-            };
-            if arrival > visible || out.len() >= limit || (bytes >= byte_budget && !out.is_empty())
-            {
-                break 'pages;
-            }
-            let entry = decode_entry(space, arrival, v)?;
-            bytes +=
-                entry.message.content.len() + entry.message.data.as_ref().map_or(0, |d| d.len());
+        if raw.read_at_ms.is_some() {
+            let entry = raw.decode()?;
+            bytes += entry.message.content.len();
             out.push(entry);
         }
-        after = page.last().map(|(k, _)| k.clone());
-    }
+        Ok(true)
+    })?;
     Ok(out)
 }
 
-/// Decodes an inbox value of either space.
-pub fn decode_entry(space: u8, arrival: u64, value: &[u8]) -> Result<Entry> {
-    if space == keys::READ {
-        if value.len() < 8 {
-            return Err(Error::Storage("corrupt read entry".into()));
-        }
-        let read_at = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
-        Ok(Entry {
-            arrival,
-            message: decode_message(&value[8..])?,
-            read_at_ms: Some(read_at),
-        })
-    } else {
-        Ok(Entry {
-            arrival,
-            message: decode_message(value)?,
-            read_at_ms: None,
-        })
-    }
+/// Every entry of `agent`'s inbox, read or not, oldest first (for the sweep and renames).
+pub fn entries(engine: &dyn Engine, agent: &AgentName) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    walk(engine, agent, 0, 1024, |raw| {
+        out.push(raw.decode()?);
+        Ok(true)
+    })?;
+    Ok(out)
 }
 
-/// Every key (both spaces) of `agent`'s inbox, with its value, for moving or purging.
-pub fn all_keys(engine: &dyn Engine, agent: &AgentName) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+/// Every key of `agent`'s inbox, messages and read marks, for purging it.
+pub fn all_keys(engine: &dyn Engine, agent: &AgentName) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for space in [keys::UNREAD, keys::READ] {
-        let prefix = keys::inbox_prefix(space, agent);
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = engine.scan(&prefix, after.as_deref(), 1024)?;
-            if page.is_empty() {
-                break;
-            }
-            after = page.last().map(|(k, _)| k.clone());
-            out.extend(page);
+        let mut page = Pages::new(engine, space, agent, 0, 1024);
+        while let Some((arrival, _)) = page.next()? {
+            out.push(keys::inbox(space, agent, arrival));
         }
     }
     Ok(out)
+}
+
+/// An entry as stored, its message not yet decoded (a scan for unread ones skips many).
+struct Raw {
+    arrival: u64,
+    read_at_ms: Option<u64>,
+    message: Vec<u8>,
+}
+
+impl Raw {
+    fn decode(self) -> Result<Entry> {
+        Ok(Entry {
+            arrival: self.arrival,
+            message: decode_message(&self.message)?,
+            read_at_ms: self.read_at_ms,
+        })
+    }
+}
+
+/// Calls `visit` with `agent`'s entries from position `from` on, oldest first, each with its
+/// read mark, until `visit` returns false. Reads both spaces side by side, `page` at a time.
+fn walk(
+    engine: &dyn Engine,
+    agent: &AgentName,
+    from: u64,
+    page: usize,
+    mut visit: impl FnMut(Raw) -> Result<bool>,
+) -> Result<()> {
+    let mut messages = Pages::new(engine, keys::UNREAD, agent, from, page);
+    let mut marks = Pages::new(engine, keys::READ, agent, from, page);
+    while let Some((arrival, message)) = messages.next()? {
+        let mut read_at_ms = None;
+        // Marks come in the same order; one without its message (there should be none) is
+        // stepped over.
+        while let Some(mark) = marks.peek()? {
+            if mark > arrival {
+                break;
+            }
+            let (at, value) = marks.next()?.expect("peeked");
+            if at == arrival {
+                read_at_ms = Some(parse_mark(&value)?);
+            }
+        }
+        if !visit(Raw {
+            arrival,
+            read_at_ms,
+            message,
+        })? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A read mark's value: when the entry was read.
+fn parse_mark(value: &[u8]) -> Result<u64> {
+    let at: [u8; 8] = value
+        .try_into()
+        .map_err(|_| Error::Storage("corrupt read mark".into()))?;
+    Ok(u64::from_be_bytes(at))
+}
+
+/// One space of one inbox, read a page at a time: (position, value) pairs in order.
+struct Pages<'a> {
+    engine: &'a dyn Engine,
+    prefix: Vec<u8>,
+    /// The last key read (the next page starts after it).
+    after: Option<Vec<u8>>,
+    buffered: VecDeque<(u64, Vec<u8>)>,
+    page: usize,
+    done: bool,
+}
+
+impl<'a> Pages<'a> {
+    fn new(engine: &'a dyn Engine, space: u8, agent: &AgentName, from: u64, page: usize) -> Self {
+        Pages {
+            engine,
+            prefix: keys::inbox_prefix(space, agent),
+            // Positions start at `from`: the page starts after the key just below it.
+            after: from
+                .checked_sub(1)
+                .map(|below| keys::inbox(space, agent, below)),
+            buffered: VecDeque::new(),
+            page,
+            done: false,
+        }
+    }
+
+    fn fill(&mut self) -> Result<()> {
+        if self.buffered.is_empty() && !self.done {
+            let page = self
+                .engine
+                .scan(&self.prefix, self.after.as_deref(), self.page)?;
+            self.done = page.len() < self.page;
+            // Later pages grow: a long walk should not seek once per few keys.
+            self.page = (self.page * 2).min(1024);
+            if let Some((k, _)) = page.last() {
+                self.after = Some(k.clone());
+            }
+            for (k, v) in page {
+                let Some((_, arrival)) = keys::parse_inbox(&k) else {
+                    return Err(Error::Storage("corrupt inbox key".into()));
+                };
+                self.buffered.push_back((arrival, v));
+            }
+        }
+        Ok(())
+    }
+
+    fn peek(&mut self) -> Result<Option<u64>> {
+        self.fill()?;
+        Ok(self.buffered.front().map(|(a, _)| *a))
+    }
+
+    fn next(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        self.fill()?;
+        Ok(self.buffered.pop_front())
+    }
+}
+
+/// Counts the unread entries of every inbox, and where each one's read floor can start
+/// (its first unread position), reading both spaces side by side a page at a time.
+pub fn count_unread(
+    engine: &dyn Engine,
+) -> Result<std::collections::HashMap<AgentName, (u64, u64)>> {
+    let mut out: std::collections::HashMap<AgentName, (u64, u64)> = Default::default();
+    let mut messages = AllPages::new(engine, keys::UNREAD);
+    let mut marks = AllPages::new(engine, keys::READ);
+    while let Some(key) = messages.next()? {
+        let mut read = false;
+        while let Some(mark) = marks.peek()? {
+            if mark[1..] > key[1..] {
+                break;
+            }
+            read |= mark[1..] == key[1..];
+            marks.next()?;
+        }
+        let Some((name, arrival)) = keys::parse_inbox(&key) else {
+            return Err(Error::Storage("corrupt inbox key".into()));
+        };
+        let Ok(name) = AgentName::new(name) else {
+            continue;
+        };
+        let slot = out.entry(name).or_insert((0, arrival + 1));
+        if !read {
+            if slot.0 == 0 {
+                slot.1 = arrival;
+            }
+            slot.0 += 1;
+        } else if slot.0 == 0 {
+            slot.1 = arrival + 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Every key of one space, a page at a time.
+struct AllPages<'a> {
+    engine: &'a dyn Engine,
+    space: u8,
+    after: Option<Vec<u8>>,
+    buffered: VecDeque<Vec<u8>>,
+    done: bool,
+}
+
+impl<'a> AllPages<'a> {
+    fn new(engine: &'a dyn Engine, space: u8) -> Self {
+        AllPages {
+            engine,
+            space,
+            after: None,
+            buffered: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    fn fill(&mut self) -> Result<()> {
+        if self.buffered.is_empty() && !self.done {
+            let page = self
+                .engine
+                .scan(&[self.space], self.after.as_deref(), 1024)?;
+            self.done = page.len() < 1024;
+            if let Some((k, _)) = page.last() {
+                self.after = Some(k.clone());
+            }
+            self.buffered.extend(page.into_iter().map(|(k, _)| k));
+        }
+        Ok(())
+    }
+
+    fn peek(&mut self) -> Result<Option<&Vec<u8>>> {
+        self.fill()?;
+        Ok(self.buffered.front())
+    }
+
+    fn next(&mut self) -> Result<Option<Vec<u8>>> {
+        self.fill()?;
+        Ok(self.buffered.pop_front())
+    }
+}
+
+/// Rewrites read entries stored by earlier versions (the `r` value was the read time followed
+/// by the whole message, the `u` entry gone) as a message and a read mark. Returns how many.
+pub fn upgrade_read_copies(engine: &dyn Engine) -> Result<u64> {
+    let mut n = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = engine.scan(&[keys::READ], after.as_deref(), 1024)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        let mut batch = Batch::new();
+        for (k, v) in &page {
+            if v.len() > 8 {
+                let mut message_key = k.clone();
+                message_key[0] = keys::UNREAD;
+                batch.put(message_key, v[8..].to_vec());
+                batch.put(k.clone(), v[..8].to_vec());
+                n += 1;
+            }
+        }
+        if !batch.is_empty() {
+            engine.apply(batch)?;
+        }
+        if page.len() < 1024 {
+            break;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -194,12 +418,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unread_respects_visibility_limit_and_budget() {
+    fn inbox_of(n: u64) -> (MemoryEngine, AgentName) {
         let e = MemoryEngine::new();
         let b_name = AgentName::new("b").unwrap();
         let mut batch = Batch::new();
-        for s in 1..=5 {
+        for s in 1..=n {
             put_unread(
                 &mut batch,
                 &b_name,
@@ -208,27 +431,103 @@ mod tests {
             );
         }
         e.apply(batch).unwrap();
-        assert_eq!(unread(&e, &b_name, 3, 100, 1 << 20).unwrap().len(), 3);
-        assert_eq!(unread(&e, &b_name, 10, 2, 1 << 20).unwrap().len(), 2);
-        assert_eq!(unread(&e, &b_name, 10, 100, 15).unwrap().len(), 2);
-        assert_eq!(unread(&e, &b_name, 10, 100, 0).unwrap().len(), 1);
+        (e, b_name)
+    }
+
+    fn arrivals(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.arrival).collect()
     }
 
     #[test]
-    fn marking_read_moves_the_entry() {
-        let e = MemoryEngine::new();
-        let b_name = AgentName::new("b").unwrap();
+    fn unread_respects_limit_and_budget() {
+        let (e, b) = inbox_of(5);
+        assert_eq!(unread(&e, &b, 0, 100, 1 << 20).unwrap().entries.len(), 5);
+        assert_eq!(unread(&e, &b, 0, 2, 1 << 20).unwrap().entries.len(), 2);
+        assert_eq!(unread(&e, &b, 0, 100, 15).unwrap().entries.len(), 2);
+        assert_eq!(unread(&e, &b, 0, 100, 0).unwrap().entries.len(), 1);
+        // The floor: nothing below it is looked at.
+        assert_eq!(
+            arrivals(&unread(&e, &b, 4, 100, 1 << 20).unwrap().entries),
+            vec![4, 5]
+        );
+    }
+
+    #[test]
+    fn marking_read_keeps_the_message_and_moves_the_floor() {
+        let (e, b) = inbox_of(4);
         let mut batch = Batch::new();
-        put_unread(&mut batch, &b_name, 1, encode_message(&msg(1, "hi")));
+        mark_read(&mut batch, &b, 1, 99);
+        mark_read(&mut batch, &b, 2, 99);
+        mark_read(&mut batch, &b, 4, 98);
         e.apply(batch).unwrap();
-        let entry = unread(&e, &b_name, 10, 10, 1 << 20).unwrap().remove(0);
-        let mut batch = Batch::new();
-        mark_read(&mut batch, &b_name, &entry, 99);
-        e.apply(batch).unwrap();
-        assert!(unread(&e, &b_name, 10, 10, 1 << 20).unwrap().is_empty());
-        let r = read(&e, &b_name, 10, 1 << 20).unwrap();
+        let u = unread(&e, &b, 0, 10, 1 << 20).unwrap();
+        assert_eq!(arrivals(&u.entries), vec![3]);
+        // Past the read prefix, not past the unread entry.
+        assert_eq!(u.floor, 3);
+        let r = read(&e, &b, 10, 1 << 20).unwrap();
+        assert_eq!(arrivals(&r), vec![1, 2, 4]);
         assert_eq!(r[0].read_at_ms, Some(99));
-        assert_eq!(r[0].message, msg(1, "hi"));
-        assert_eq!(all_keys(&e, &b_name).unwrap().len(), 1);
+        assert_eq!(r[0].message, msg(1, "0123456789"));
+        assert_eq!(r[2].read_at_ms, Some(98));
+        // All read: the floor moves past the last one.
+        let mut batch = Batch::new();
+        mark_read(&mut batch, &b, 3, 100);
+        e.apply(batch).unwrap();
+        let u = unread(&e, &b, 3, 10, 1 << 20).unwrap();
+        assert!(u.entries.is_empty());
+        assert_eq!(u.floor, 5);
+        assert_eq!(entries(&e, &b).unwrap().len(), 4);
+        assert_eq!(all_keys(&e, &b).unwrap().len(), 8);
+        let counts = count_unread(&e).unwrap();
+        assert_eq!(counts.get(&b), Some(&(0, 5)));
+    }
+
+    #[test]
+    fn find_unread_skips_read_entries_and_stops_when_all_are_found() {
+        let (e, b) = inbox_of(6);
+        let mut batch = Batch::new();
+        mark_read(&mut batch, &b, 2, 1);
+        e.apply(batch).unwrap();
+        let dot = |s| Dot::new(BrokerId::from_u32(7), s);
+        let wanted = [dot(2), dot(3), dot(5)].into_iter().collect();
+        let found = find_unread(&e, &b, 0, &wanted).unwrap();
+        assert_eq!(arrivals(&found), vec![3, 5]);
+        let counts = count_unread(&e).unwrap();
+        assert_eq!(counts.get(&b), Some(&(5, 1)));
+    }
+
+    #[test]
+    fn removing_an_entry_takes_its_mark_too() {
+        let (e, b) = inbox_of(2);
+        let mut batch = Batch::new();
+        mark_read(&mut batch, &b, 1, 5);
+        e.apply(batch).unwrap();
+        let mut batch = Batch::new();
+        remove(&mut batch, &b, 1);
+        e.apply(batch).unwrap();
+        assert_eq!(all_keys(&e, &b).unwrap().len(), 1);
+        assert!(read(&e, &b, 10, 1 << 20).unwrap().is_empty());
+    }
+
+    #[test]
+    fn read_copies_of_earlier_versions_become_marks() {
+        let e = MemoryEngine::new();
+        let b = AgentName::new("b").unwrap();
+        let mut batch = Batch::new();
+        let mut old = 42u64.to_be_bytes().to_vec();
+        old.extend_from_slice(&encode_message(&msg(1, "old")));
+        batch.put(keys::inbox(keys::READ, &b, 1), old);
+        put_unread(&mut batch, &b, 2, encode_message(&msg(2, "new")));
+        e.apply(batch).unwrap();
+        assert_eq!(upgrade_read_copies(&e).unwrap(), 1);
+        assert_eq!(upgrade_read_copies(&e).unwrap(), 0);
+        let r = read(&e, &b, 10, 1 << 20).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].read_at_ms, Some(42));
+        assert_eq!(r[0].message.content, "old");
+        assert_eq!(
+            arrivals(&unread(&e, &b, 0, 10, 1 << 20).unwrap().entries),
+            vec![2]
+        );
     }
 }

@@ -44,31 +44,12 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
                 .unwrap();
             // Use the raw pipelined connection: after the kill, calls fail instead of retrying.
             let conn: Connection = client.connection().clone();
-            let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
-            let mut inflight = Vec::new();
-            for i in 0..PER_SENDER {
-                let permit = window.clone().acquire_owned().await.unwrap();
-                let body = Body::Send(Outgoing {
-                    to: "bob".into(),
-                    content: format!("s{s}-{i:05}"),
-                    ..Default::default()
-                });
-                // Submitted in order; the replies are awaited concurrently.
-                let Ok(reply) = conn.submit(body).await else {
-                    break;
-                };
-                let (acked, acked_count) = (acked.clone(), acked_count.clone());
-                inflight.push(tokio::spawn(async move {
-                    if let Ok(Reply::Sent { id, .. }) = reply.await {
-                        acked.lock().unwrap().push((s, i, id));
-                        acked_count.fetch_add(1, Ordering::SeqCst);
-                    }
-                    drop(permit);
-                }));
-            }
-            for t in inflight {
-                let _ = t.await;
-            }
+            let contents = (0..PER_SENDER).map(|i| format!("s{s}-{i:05}")).collect();
+            send_pipelined(conn, contents, move |i, id| {
+                acked.lock().unwrap().push((s, i, id));
+                acked_count.fetch_add(1, Ordering::SeqCst);
+            })
+            .await;
         }));
     }
 
@@ -142,5 +123,138 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
             "content {} twice",
             m.content
         );
+    }
+}
+
+/// A message read (and answered) before a crash is not delivered again after it, an unread
+/// one is, and the read ones are still there, marked read, for `include_read`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_read_before_kill_9_are_not_delivered_again() {
+    const MESSAGES: usize = 600;
+    let home = temp_home();
+    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let mut broker = BrokerProc::start(home.path(), &addr);
+    let h = Home::at(home.path());
+
+    let bob = AgentName::new("bob").unwrap();
+    let mut receiver = Client::connect(&addr).await.unwrap();
+    receiver.register_as(&bob, &h).await.unwrap();
+    let reader: Connection = receiver.connection().clone();
+    let mut sender = Client::connect(&addr).await.unwrap();
+    sender
+        .register_as(&AgentName::new("alice").unwrap(), &h)
+        .await
+        .unwrap();
+    let conn: Connection = sender.connection().clone();
+
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sending = {
+        let acked = acked.clone();
+        let contents = (0..MESSAGES).map(|i| format!("m{i:05}")).collect();
+        tokio::spawn(send_pipelined(conn, contents, move |_, id| {
+            acked.lock().unwrap().insert(id);
+        }))
+    };
+
+    // Read (marking read) while the sends go on; kill the broker a third of the way in.
+    let mut read_before: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while read_before.len() < MESSAGES / 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reads never got going"
+        );
+        let body = Body::Fetch {
+            include_read: false,
+            limit: 50,
+            mark_read: true,
+        };
+        if let Ok(Reply::Messages { messages, .. }) = reader.call(body).await {
+            read_before.extend(messages.into_iter().map(|m| m.id));
+        }
+    }
+    broker.kill9();
+    sending.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    broker.restart();
+    let mut receiver = Client::connect(&addr).await.unwrap();
+    receiver.register_as(&bob, &h).await.unwrap();
+    let mut read_after = Vec::new();
+    loop {
+        let (msgs, _) = receiver.check(None, 1000).await.unwrap();
+        if msgs.is_empty() {
+            break;
+        }
+        read_after.extend(msgs.into_iter().map(|m| m.id));
+    }
+
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for id in read_before.iter().chain(&read_after) {
+        *times.entry(id.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered twice: {twice:?}");
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|id| !times.contains_key(id.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "{} acknowledged messages lost", lost.len());
+
+    // What was read before the crash is kept, marked read.
+    let body = Body::Fetch {
+        include_read: true,
+        limit: 1000,
+        mark_read: false,
+    };
+    let Reply::Messages { messages, unread } = receiver.connection().call(body).await.unwrap()
+    else {
+        panic!("not a message list");
+    };
+    assert_eq!(unread, 0);
+    let kept: HashSet<&str> = messages
+        .iter()
+        .filter(|m| m.read)
+        .map(|m| m.id.as_str())
+        .collect();
+    for id in &read_before {
+        assert!(
+            kept.contains(id.as_str()),
+            "{id} read before the crash is gone"
+        );
+    }
+}
+
+/// Sends each of `contents` to bob on `conn`, in order, up to `WINDOW` awaiting their replies
+/// at once; `on_ack(i, id)` for each one acknowledged. Stops at the first that cannot be
+/// submitted (the broker is gone), once the replies in flight are in.
+async fn send_pipelined(
+    conn: Connection,
+    contents: Vec<String>,
+    on_ack: impl Fn(usize, String) + Clone + Send + 'static,
+) {
+    let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let mut inflight = Vec::new();
+    for (i, content) in contents.into_iter().enumerate() {
+        let permit = window.clone().acquire_owned().await.unwrap();
+        let body = Body::Send(Outgoing {
+            to: "bob".into(),
+            content,
+            ..Default::default()
+        });
+        // Submitted in order; the replies are awaited concurrently.
+        let Ok(reply) = conn.submit(body).await else {
+            break;
+        };
+        let on_ack = on_ack.clone();
+        inflight.push(tokio::spawn(async move {
+            if let Ok(Reply::Sent { id, .. }) = reply.await {
+                on_ack(i, id);
+            }
+            drop(permit);
+        }));
+    }
+    for t in inflight {
+        let _ = t.await;
     }
 }

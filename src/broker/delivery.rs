@@ -336,15 +336,15 @@ impl Broker {
     /// Sends `name`'s unread messages to broker `dest`, where it lives now. Call with the lock
     /// held; returns how many went.
     pub(super) fn forward_inbox(&self, s: &mut State, name: &AgentName, dest: BrokerId) -> u64 {
-        let visible = u64::MAX;
-        let entries =
-            match inbox::unread(&*self.inner.engine, name, visible, usize::MAX, usize::MAX) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read an inbox to forward it");
-                    return 0;
-                }
-            };
+        let floor = Self::read_floor(s, name);
+        let entries = match inbox::unread(&*self.inner.engine, name, floor, usize::MAX, usize::MAX)
+        {
+            Ok(u) => u.entries,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read an inbox to forward it");
+                return 0;
+            }
+        };
         if entries.is_empty() && !s.parked.contains_key(name) {
             return 0;
         }
@@ -357,7 +357,7 @@ impl Broker {
             if !self.forward_message(s, &mut batch, dest, e.message, now) {
                 break;
             }
-            batch.delete(keys::inbox(keys::UNREAD, name, e.arrival));
+            inbox::remove(&mut batch, name, e.arrival);
             n += 1;
         }
         if n as usize == all {

@@ -108,6 +108,8 @@ struct State {
     agents: BTreeMap<AgentName, Agent>,
     /// Unread messages per recipient, including those held for names not yet registered.
     unread: HashMap<AgentName, u64>,
+    /// Each inbox's read floor: every entry below it is read (see [`inbox`]). None: 0.
+    read_floor: HashMap<AgentName, u64>,
     /// Waiters of each agent, woken when a message for it is written.
     waiters: HashMap<AgentName, Arc<Notify>>,
     next_seq: u64,
@@ -275,11 +277,21 @@ impl Broker {
                 agents.insert(name, Agent { record, online: 0 });
             }
         }
+        let upgraded = inbox::upgrade_read_copies(&*engine)?;
+        if upgraded > 0 {
+            engine.flush()?;
+            tracing::info!(
+                messages = upgraded,
+                "stored read messages in the current layout"
+            );
+        }
         let mut unread: HashMap<AgentName, u64> = HashMap::new();
-        for (k, _) in engine.scan(&[keys::UNREAD], None, usize::MAX)? {
-            if let Some(name) = keys::parse_inbox(&k).and_then(|(n, _)| AgentName::new(n).ok()) {
-                *unread.entry(name).or_default() += 1;
+        let mut read_floor: HashMap<AgentName, u64> = HashMap::new();
+        for (name, (n, floor)) in inbox::count_unread(&*engine)? {
+            if n > 0 {
+                unread.insert(name.clone(), n);
             }
+            read_floor.insert(name, floor);
         }
 
         let clock = outbox::load_clock(&*engine)?;
@@ -305,6 +317,7 @@ impl Broker {
                 state: Mutex::new(State {
                     agents,
                     unread,
+                    read_floor,
                     waiters: HashMap::new(),
                     next_seq,
                     seq_ceiling,
@@ -866,10 +879,11 @@ impl Broker {
                     if other.as_ref().is_some_and(|r| !r.is_forward()) {
                         // A lapsed claim: the new holder must not read the old holder's messages.
                         match inbox::all_keys(&*self.inner.engine, &name) {
-                            Ok(keys) => keys.into_iter().for_each(|(k, _)| batch.delete(k)),
+                            Ok(keys) => keys.into_iter().for_each(|k| batch.delete(k)),
                             Err(e) => return Err(storage_err(e)).into(),
                         }
                         s.unread.remove(&name);
+                        s.read_floor.remove(&name);
                     }
                     let t = identity::new_token();
                     let r = AgentRecord {
@@ -1418,26 +1432,34 @@ impl Broker {
         // Under the lock: two reads of one inbox at once must not both take a message.
         let mut s = self.state();
         let durable = self.inner.commit.durable().arrival;
-        let mut entries = match inbox::unread(engine, agent, u64::MAX, limit, FETCH_BYTES) {
-            Ok(e) => e,
+        let floor = Self::read_floor(&s, agent);
+        let found = match inbox::unread(engine, agent, floor, limit, FETCH_BYTES) {
+            Ok(found) => found,
             Err(e) => return Err(storage_err(e)).into(),
         };
+        let mut entries = found.entries;
+        let mut floor = found.floor;
         // What the reply must wait for: see [`Broker::wake`].
         let mut epoch = None;
         if mark_read && !entries.is_empty() {
             let now = now_ms();
             let mut batch = Batch::new();
             for e in &entries {
-                inbox::mark_read(&mut batch, agent, e, now);
+                inbox::mark_read(&mut batch, agent, e.arrival, now);
             }
             match self.apply(&mut s, batch) {
                 Ok(ep) => epoch = Some(ep),
                 Err(e) => return Err(e).into(),
             }
+            // Everything from the floor to the last of these is read now.
+            floor = entries.last().map_or(floor, |e| e.arrival + 1);
             let n = entries.len() as u64;
             if let Some(u) = s.unread.get_mut(agent) {
                 *u = u.saturating_sub(n);
             }
+        }
+        if floor > Self::read_floor(&s, agent) {
+            s.read_floor.insert(agent.clone(), floor);
         }
         let unread = Self::unread_of(&s, agent);
         if include_read {
@@ -1472,7 +1494,13 @@ impl Broker {
 
     /// Whether `agent` has an unread message.
     pub fn has_visible_unread(&self, agent: &AgentName) -> bool {
-        matches!(inbox::unread(&*self.inner.engine, agent, u64::MAX, 1, 0), Ok(v) if !v.is_empty())
+        let floor = Self::read_floor(&self.state(), agent);
+        matches!(inbox::unread(&*self.inner.engine, agent, floor, 1, 0), Ok(u) if !u.entries.is_empty())
+    }
+
+    /// Where a scan of `agent`'s unread messages starts (see [`inbox`]).
+    fn read_floor(s: &State, agent: &AgentName) -> u64 {
+        s.read_floor.get(agent).copied().unwrap_or(0)
     }
 
     fn ack(&self, ctx: &SessionCtx, ids: Vec<String>) -> Outcome {
@@ -1489,7 +1517,8 @@ impl Broker {
             }
         }
         let mut s = self.state();
-        let entries = match inbox::find_unread(&*self.inner.engine, &agent, u64::MAX, &wanted) {
+        let floor = Self::read_floor(&s, &agent);
+        let entries = match inbox::find_unread(&*self.inner.engine, &agent, floor, &wanted) {
             Ok(e) => e,
             Err(e) => return Err(storage_err(e)).into(),
         };
@@ -1497,7 +1526,7 @@ impl Broker {
         let mut batch = Batch::new();
         let mut marked = 0u32;
         for e in &entries {
-            inbox::mark_read(&mut batch, &agent, e, now);
+            inbox::mark_read(&mut batch, &agent, e.arrival, now);
             marked += 1;
         }
         let epoch = match self.apply(&mut s, batch) {
@@ -1585,28 +1614,24 @@ impl Broker {
         let online = old_agent.online;
 
         let mut batch = Batch::new();
-        // Move the inbox, both spaces, to the new name.
-        let moved = match inbox::all_keys(&*self.inner.engine, &old) {
-            Ok(k) => k,
+        // Move the inbox, messages and read marks, to the new name.
+        let moved = match inbox::entries(&*self.inner.engine, &old) {
+            Ok(e) => e,
             Err(e) => return Err(storage_err(e)).into(),
         };
-        for (k, v) in moved {
-            let Some((_, arrival)) = keys::parse_inbox(&k) else {
-                continue;
-            };
-            let mut v = v;
-            let space = k[0];
+        for mut e in moved {
+            inbox::remove(&mut batch, &old, e.arrival);
             // Rewrite the stored recipient so the message reads as addressed to the new name.
-            if let Ok(mut e) = inbox::decode_entry(space, arrival, &v) {
-                e.message.to = new.clone();
-                let enc = inbox::encode_message(&e.message);
-                v = match e.read_at_ms {
-                    Some(t) => [t.to_be_bytes().to_vec(), enc].concat(),
-                    None => enc,
-                };
+            e.message.to = new.clone();
+            inbox::put_unread(
+                &mut batch,
+                &new,
+                e.arrival,
+                inbox::encode_message(&e.message),
+            );
+            if let Some(at) = e.read_at_ms {
+                inbox::mark_read(&mut batch, &new, e.arrival, at);
             }
-            batch.delete(k);
-            batch.put(keys::inbox(space, &new, arrival), v);
         }
         batch.put(keys::agent(&new), federation::wire::encode(&new_record));
         batch.put(keys::agent(&old), federation::wire::encode(&forward));
@@ -1616,6 +1641,9 @@ impl Broker {
         if let Some(n) = s.unread.remove(&old) {
             s.unread.insert(new.clone(), n);
         }
+        // The moved entries keep their positions, which may lie below either floor.
+        s.read_floor.remove(&old);
+        s.read_floor.remove(&new);
         let renamed = Agent {
             record: new_record,
             online,

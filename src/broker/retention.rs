@@ -72,18 +72,14 @@ impl Broker {
             let mut s = self.state();
             let mut batch = Batch::new();
             let mut expired: Vec<Message> = Vec::new();
-            for (k, v) in inbox::all_keys(engine, &name)? {
-                let Some((_, arrival)) = keys::parse_inbox(&k) else {
-                    continue;
-                };
-                let e = inbox::decode_entry(k[0], arrival, &v)?;
+            for e in inbox::entries(engine, &name)? {
                 match e.read_at_ms {
                     Some(read_at) if read_at <= cutoff => {
-                        batch.delete(k);
+                        inbox::remove(&mut batch, &name, e.arrival);
                         swept.deleted += 1;
                     }
                     None if e.message.sent_at_ms <= cutoff => {
-                        batch.delete(k);
+                        inbox::remove(&mut batch, &name, e.arrival);
                         expired.push(e.message);
                     }
                     _ => {}
@@ -240,7 +236,7 @@ impl Broker {
             let mut batch = Batch::new();
             for n in &forget {
                 batch.delete(keys::agent(n));
-                for (k, _) in inbox::all_keys(engine, n)? {
+                for k in inbox::all_keys(engine, n)? {
                     batch.delete(k);
                 }
             }

@@ -73,9 +73,11 @@ pub mod keys {
 
     /// Broker metadata (`m` + field name).
     pub const META: u8 = b'm';
-    /// Unread messages: `u` + recipient + `\0` + sequence (u64 BE) → encoded message.
+    /// Inbox messages, read or not: `u` + recipient + `\0` + sequence (u64 BE) → encoded
+    /// message (see [`crate::inbox`]).
     pub const UNREAD: u8 = b'u';
-    /// Read messages: `r` + recipient + `\0` + sequence → read time (u64 BE ms) + message.
+    /// Read marks: `r` + recipient + `\0` + sequence → when it was read (u64 BE ms). An inbox
+    /// message with a mark is read.
     pub const READ: u8 = b'r';
     /// Agent records: `a` + name → encoded record.
     pub const AGENT: u8 = b'a';
