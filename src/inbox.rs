@@ -2,9 +2,15 @@
 //! storage engine.
 //!
 //! A message enters an inbox under a `u` key and stays there until the retention sweep (or a
-//! move, or a rename) takes it. Reading it adds a read mark: an `r` key at the same position
-//! whose value is when it was read (8 bytes). An entry with a mark is read; one without is
-//! unread. Marking a message read is therefore one small write, not a copy of the message.
+//! move, or a rename) takes it. Reading marks it, beside it:
+//!
+//! - a read that hands out the oldest unread messages writes one *read range* (`w` key at
+//!   the first position: the last position and when), covering all it handed out;
+//! - an acknowledgement of chosen messages writes a *read mark* per message (`r` key at its
+//!   position: when).
+//!
+//! An entry a mark or a range covers is read; any other is unread. So marking a page of
+//! messages read is one small write, not a copy of each message.
 //!
 //! Every scan for unread messages starts at the agent's *read floor*: a position below which
 //! every entry is read (or gone). The broker keeps the floors in memory and moves each past
@@ -60,7 +66,17 @@ pub fn mark_read(batch: &mut Batch, to: &AgentName, arrival: u64, now_ms: u64) {
     );
 }
 
-/// Takes the entry at `arrival` out of `to`'s inbox, with its read mark.
+/// Marks every entry from `first` to `last` read at `now_ms`. Only for a run that [`unread`]
+/// returned whole: the entries between those it returned are read already.
+pub fn mark_read_range(batch: &mut Batch, to: &AgentName, first: u64, last: u64, now_ms: u64) {
+    let mut v = last.to_be_bytes().to_vec();
+    v.extend_from_slice(&now_ms.to_be_bytes());
+    batch.put(keys::inbox(keys::READ_RANGE, to, first), v);
+}
+
+/// Takes the entry at `arrival` out of `to`'s inbox, with its read mark. (A read range
+/// covering it stays: it covers other entries too. [`stale_ranges`] finds those that cover
+/// nothing any more.)
 pub fn remove(batch: &mut Batch, to: &AgentName, arrival: u64) {
     batch.delete(keys::inbox(keys::UNREAD, to, arrival));
     batch.delete(keys::inbox(keys::READ, to, arrival));
@@ -158,10 +174,31 @@ pub fn entries(engine: &dyn Engine, agent: &AgentName) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// Every key of `agent`'s inbox, messages and read marks, for purging it.
+/// The read ranges of `agent` that cover no entry below `first_kept` (the lowest entry that
+/// stays; `u64::MAX` when none does), to delete with the entries the sweep deletes.
+pub fn stale_ranges(
+    engine: &dyn Engine,
+    agent: &AgentName,
+    first_kept: u64,
+) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut ranges = Pages::new(engine, keys::READ_RANGE, agent, 0, 1024);
+    while let Some((first, value)) = ranges.next()? {
+        if first >= first_kept {
+            break;
+        }
+        let (last, _) = parse_range(&value)?;
+        if last < first_kept {
+            out.push(keys::inbox(keys::READ_RANGE, agent, first));
+        }
+    }
+    Ok(out)
+}
+
+/// Every key of `agent`'s inbox, messages, read marks and ranges, for purging it.
 pub fn all_keys(engine: &dyn Engine, agent: &AgentName) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
-    for space in [keys::UNREAD, keys::READ] {
+    for space in [keys::UNREAD, keys::READ, keys::READ_RANGE] {
         let mut page = Pages::new(engine, space, agent, 0, 1024);
         while let Some((arrival, _)) = page.next()? {
             out.push(keys::inbox(space, agent, arrival));
@@ -187,8 +224,10 @@ impl Raw {
     }
 }
 
-/// Calls `visit` with `agent`'s entries from position `from` on, oldest first, each with its
-/// read mark, until `visit` returns false. Reads both spaces side by side, `page` at a time.
+/// Calls `visit` with `agent`'s entries from position `from` on, oldest first, each with when
+/// it was read, until `visit` returns false. Reads the three spaces side by side, `page` at a
+/// time. A range that starts below `from` is not seen: callers start at 0 or at a read floor,
+/// and a floor never lies inside a range (it moves past whole runs of read entries).
 fn walk(
     engine: &dyn Engine,
     agent: &AgentName,
@@ -198,6 +237,9 @@ fn walk(
 ) -> Result<()> {
     let mut messages = Pages::new(engine, keys::UNREAD, agent, from, page);
     let mut marks = Pages::new(engine, keys::READ, agent, from, page);
+    let mut ranges = Pages::new(engine, keys::READ_RANGE, agent, from, page);
+    // The range reaching furthest among those begun so far: (last, read at).
+    let mut cover: Option<(u64, u64)> = None;
     while let Some((arrival, message)) = messages.next()? {
         let mut read_at_ms = None;
         // Marks come in the same order; one without its message (there should be none) is
@@ -211,6 +253,21 @@ fn walk(
                 read_at_ms = Some(parse_mark(&value)?);
             }
         }
+        while let Some(first) = ranges.peek()? {
+            if first > arrival {
+                break;
+            }
+            let (_, value) = ranges.next()?.expect("peeked");
+            let (last, at) = parse_range(&value)?;
+            if cover.is_none_or(|(reach, _)| last > reach) {
+                cover = Some((last, at));
+            }
+        }
+        if let Some((last, at)) = cover {
+            if last >= arrival {
+                read_at_ms = Some(read_at_ms.map_or(at, |m: u64| m.min(at)));
+            }
+        }
         if !visit(Raw {
             arrival,
             read_at_ms,
@@ -220,6 +277,14 @@ fn walk(
         }
     }
     Ok(())
+}
+
+/// A read range's value: its last position, and when it was read.
+fn parse_range(value: &[u8]) -> Result<(u64, u64)> {
+    if value.len() != 16 {
+        return Err(Error::Storage("corrupt read range".into()));
+    }
+    Ok((parse_mark(&value[..8])?, parse_mark(&value[8..])?))
 }
 
 /// A read mark's value: when the entry was read.
@@ -296,9 +361,13 @@ pub fn count_unread(
     let mut out: std::collections::HashMap<AgentName, (u64, u64)> = Default::default();
     let mut messages = AllPages::new(engine, keys::UNREAD);
     let mut marks = AllPages::new(engine, keys::READ);
-    while let Some(key) = messages.next()? {
+    let mut ranges = AllPages::new(engine, keys::READ_RANGE);
+    // The range reaching furthest among those begun so far in the current inbox:
+    // (the inbox's key prefix, last position).
+    let mut cover: Option<(Vec<u8>, u64)> = None;
+    while let Some((key, _)) = messages.next()? {
         let mut read = false;
-        while let Some(mark) = marks.peek()? {
+        while let Some((mark, _)) = marks.peek()? {
             if mark[1..] > key[1..] {
                 break;
             }
@@ -308,6 +377,23 @@ pub fn count_unread(
         let Some((name, arrival)) = keys::parse_inbox(&key) else {
             return Err(Error::Storage("corrupt inbox key".into()));
         };
+        // The inbox's prefix without the space byte: name and NUL.
+        let inbox = key[1..key.len() - 8].to_vec();
+        while let Some((range, _)) = ranges.peek()? {
+            if range[1..] > key[1..] {
+                break;
+            }
+            let (range, value) = ranges.next()?.expect("peeked");
+            let (last, _) = parse_range(&value)?;
+            let of = range[1..range.len().saturating_sub(8)].to_vec();
+            match &mut cover {
+                Some((c, reach)) if *c == of => *reach = (*reach).max(last),
+                _ => cover = Some((of, last)),
+            }
+        }
+        read |= cover
+            .as_ref()
+            .is_some_and(|(c, reach)| *c == inbox && *reach >= arrival);
         let Ok(name) = AgentName::new(name) else {
             continue;
         };
@@ -324,12 +410,12 @@ pub fn count_unread(
     Ok(out)
 }
 
-/// Every key of one space, a page at a time.
+/// Every pair of one space, a page at a time.
 struct AllPages<'a> {
     engine: &'a dyn Engine,
     space: u8,
     after: Option<Vec<u8>>,
-    buffered: VecDeque<Vec<u8>>,
+    buffered: VecDeque<(Vec<u8>, Vec<u8>)>,
     done: bool,
 }
 
@@ -353,17 +439,17 @@ impl<'a> AllPages<'a> {
             if let Some((k, _)) = page.last() {
                 self.after = Some(k.clone());
             }
-            self.buffered.extend(page.into_iter().map(|(k, _)| k));
+            self.buffered.extend(page);
         }
         Ok(())
     }
 
-    fn peek(&mut self) -> Result<Option<&Vec<u8>>> {
+    fn peek(&mut self) -> Result<Option<&(Vec<u8>, Vec<u8>)>> {
         self.fill()?;
         Ok(self.buffered.front())
     }
 
-    fn next(&mut self) -> Result<Option<Vec<u8>>> {
+    fn next(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         self.fill()?;
         Ok(self.buffered.pop_front())
     }
@@ -507,6 +593,62 @@ mod tests {
         e.apply(batch).unwrap();
         assert_eq!(all_keys(&e, &b).unwrap().len(), 1);
         assert!(read(&e, &b, 10, 1 << 20).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_read_range_covers_its_run_and_outlives_removals_until_stale() {
+        let (e, b) = inbox_of(8);
+        // A run handed out (1..=3), a mark inside a later range (6), a range over 5..=7.
+        let mut batch = Batch::new();
+        mark_read_range(&mut batch, &b, 1, 3, 10);
+        mark_read(&mut batch, &b, 6, 5);
+        mark_read_range(&mut batch, &b, 5, 7, 20);
+        e.apply(batch).unwrap();
+        let u = unread(&e, &b, 0, 10, 1 << 20).unwrap();
+        assert_eq!(arrivals(&u.entries), vec![4, 8]);
+        assert_eq!(u.floor, 4);
+        let r = read(&e, &b, 10, 1 << 20).unwrap();
+        assert_eq!(arrivals(&r), vec![1, 2, 3, 5, 6, 7]);
+        // The earlier of a mark and a range is when it was read.
+        let at: Vec<_> = r.iter().map(|e| e.read_at_ms.unwrap()).collect();
+        assert_eq!(at, vec![10, 10, 10, 20, 5, 20]);
+        assert_eq!(count_unread(&e).unwrap().get(&b), Some(&(2, 4)));
+        // Removing the range's first entry leaves the rest of it read.
+        let mut batch = Batch::new();
+        remove(&mut batch, &b, 1);
+        e.apply(batch).unwrap();
+        assert_eq!(
+            arrivals(&read(&e, &b, 10, 1 << 20).unwrap()),
+            vec![2, 3, 5, 6, 7]
+        );
+        // Stale once nothing it covers is kept.
+        assert!(stale_ranges(&e, &b, 3).unwrap().is_empty());
+        assert_eq!(
+            stale_ranges(&e, &b, 4).unwrap(),
+            vec![keys::inbox(keys::READ_RANGE, &b, 1)]
+        );
+        assert_eq!(stale_ranges(&e, &b, u64::MAX).unwrap().len(), 2);
+        assert_eq!(all_keys(&e, &b).unwrap().len(), 7 + 1 + 2);
+    }
+
+    #[test]
+    fn counting_keeps_each_inbox_ranges_apart() {
+        let e = MemoryEngine::new();
+        let (a, b) = (AgentName::new("a").unwrap(), AgentName::new("b").unwrap());
+        let mut batch = Batch::new();
+        for s in [1, 3, 5] {
+            put_unread(&mut batch, &a, s, encode_message(&msg(s, "x")));
+        }
+        for s in [2, 4, 6] {
+            put_unread(&mut batch, &b, s, encode_message(&msg(s, "x")));
+        }
+        // a's range reaches past b's positions; it must not cover them.
+        mark_read_range(&mut batch, &a, 1, 5, 1);
+        mark_read_range(&mut batch, &b, 2, 2, 1);
+        e.apply(batch).unwrap();
+        let counts = count_unread(&e).unwrap();
+        assert_eq!(counts.get(&a), Some(&(0, 6)));
+        assert_eq!(counts.get(&b), Some(&(2, 4)));
     }
 
     #[test]

@@ -1444,9 +1444,9 @@ impl Broker {
         if mark_read && !entries.is_empty() {
             let now = now_ms();
             let mut batch = Batch::new();
-            for e in &entries {
-                inbox::mark_read(&mut batch, agent, e.arrival, now);
-            }
+            // They are the oldest unread, one run: one range marks them all.
+            let (first, last) = (entries[0].arrival, entries[entries.len() - 1].arrival);
+            inbox::mark_read_range(&mut batch, agent, first, last, now);
             match self.apply(&mut s, batch) {
                 Ok(ep) => epoch = Some(ep),
                 Err(e) => return Err(e).into(),
@@ -1615,12 +1615,17 @@ impl Broker {
 
         let mut batch = Batch::new();
         // Move the inbox, messages and read marks, to the new name.
-        let moved = match inbox::entries(&*self.inner.engine, &old) {
-            Ok(e) => e,
+        let engine = &*self.inner.engine;
+        let (moved, old_keys) = match inbox::entries(engine, &old)
+            .and_then(|e| Ok((e, inbox::all_keys(engine, &old)?)))
+        {
+            Ok(found) => found,
             Err(e) => return Err(storage_err(e)).into(),
         };
+        for k in old_keys {
+            batch.delete(k);
+        }
         for mut e in moved {
-            inbox::remove(&mut batch, &old, e.arrival);
             // Rewrite the stored recipient so the message reads as addressed to the new name.
             e.message.to = new.clone();
             inbox::put_unread(

@@ -72,6 +72,7 @@ impl Broker {
             let mut s = self.state();
             let mut batch = Batch::new();
             let mut expired: Vec<Message> = Vec::new();
+            let mut first_kept = u64::MAX;
             for e in inbox::entries(engine, &name)? {
                 match e.read_at_ms {
                     Some(read_at) if read_at <= cutoff => {
@@ -82,8 +83,11 @@ impl Broker {
                         inbox::remove(&mut batch, &name, e.arrival);
                         expired.push(e.message);
                     }
-                    _ => {}
+                    _ => first_kept = first_kept.min(e.arrival),
                 }
+            }
+            for k in inbox::stale_ranges(engine, &name, first_kept)? {
+                batch.delete(k);
             }
             if batch.is_empty() {
                 continue;

@@ -79,6 +79,9 @@ pub mod keys {
     /// Read marks: `r` + recipient + `\0` + sequence → when it was read (u64 BE ms). An inbox
     /// message with a mark is read.
     pub const READ: u8 = b'r';
+    /// Read ranges: `w` + recipient + `\0` + first sequence → last sequence (u64 BE) and when
+    /// they were read (u64 BE ms). Every inbox message from first to last is read.
+    pub const READ_RANGE: u8 = b'w';
     /// Agent records: `a` + name → encoded record.
     pub const AGENT: u8 = b'a';
     /// Outboxes: `o` + destination broker (u32 BE) + position (u64 BE) → encoded envelope.
