@@ -258,3 +258,52 @@ async fn send_pipelined(
         let _ = t.await;
     }
 }
+
+/// A send acknowledged before a crash and resent after it, with its dedup key, is answered
+/// with the first send's id and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_after_kill_9_is_recognised_by_its_dedup_key() {
+    let home = temp_home();
+    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let mut broker = BrokerProc::start(home.path(), &addr);
+    let h = Home::at(home.path());
+    let bob = AgentName::new("bob").unwrap();
+    let alice = AgentName::new("alice").unwrap();
+    let mut receiver = Client::connect(&addr).await.unwrap();
+    receiver.register_as(&bob, &h).await.unwrap();
+    drop(receiver);
+
+    let send = |key: &str| {
+        Body::Send(Outgoing {
+            to: "bob".into(),
+            content: format!("sent with {key}"),
+            dedup_key: Some(key.into()),
+            ..Default::default()
+        })
+    };
+    let mut sender = Client::connect(&addr).await.unwrap();
+    sender.register_as(&alice, &h).await.unwrap();
+    let mut first = Vec::new();
+    for key in ["k-1", "k-2", "k-3"] {
+        match sender.connection().call(send(key)).await.unwrap() {
+            Reply::Sent { id, .. } => first.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    broker.kill9();
+    broker.restart();
+
+    let mut sender = Client::connect(&addr).await.unwrap();
+    sender.register_as(&alice, &h).await.unwrap();
+    for (key, id) in ["k-1", "k-2", "k-3"].into_iter().zip(&first) {
+        match sender.connection().call(send(key)).await.unwrap() {
+            Reply::Sent { id: again, .. } => assert_eq!(&again, id, "{key}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut receiver = Client::connect(&addr).await.unwrap();
+    receiver.register_as(&bob, &h).await.unwrap();
+    let (msgs, _) = receiver.check(None, 100).await.unwrap();
+    let ids: Vec<&str> = msgs.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, first.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+}

@@ -18,6 +18,7 @@
 //! in-memory sled operations. Only flushes block, and they run on the flusher task.
 
 pub mod commit;
+mod dedup;
 mod delivery;
 mod fence;
 pub mod mesh;
@@ -110,6 +111,8 @@ struct State {
     unread: HashMap<AgentName, u64>,
     /// Each inbox's read floor: every entry below it is read (see [`inbox`]). None: 0.
     read_floor: HashMap<AgentName, u64>,
+    /// Send dedup keys ([`dedup`]).
+    dedup: dedup::Dedup,
     /// Waiters of each agent, woken when a message for it is written.
     waiters: HashMap<AgentName, Arc<Notify>>,
     next_seq: u64,
@@ -294,6 +297,7 @@ impl Broker {
             read_floor.insert(name, floor);
         }
 
+        let dedup = dedup::Dedup::load(&*engine)?;
         let clock = outbox::load_clock(&*engine)?;
         let members = outbox::load_members(&*engine)?;
         let fences = fence::load(&*engine, fence::Book::Sender)?;
@@ -318,6 +322,7 @@ impl Broker {
                     agents,
                     unread,
                     read_floor,
+                    dedup,
                     waiters: HashMap::new(),
                     next_seq,
                     seq_ceiling,
@@ -997,15 +1002,11 @@ impl Broker {
         };
         let now = now_ms();
         let s = self.state();
-        let dedup = dedup_key.map(|k| keys::dedup(&from, &k));
-        if let Some(k) = &dedup {
-            match self.inner.engine.get(k) {
-                Ok(Some(v)) => {
+        if let Some(k) = &dedup_key {
+            match s.dedup.lookup(&*self.inner.engine, &from, k) {
+                Ok(Some(first)) => {
                     // A resend: answer as the first time, once that first write is durable
                     // (it is covered by the current epoch).
-                    let Ok(first) = federation::wire::decode::<DedupEntry>(&v) else {
-                        return Err(WireError::internal("corrupt dedup entry")).into();
-                    };
                     return Outcome::AfterCommit {
                         epoch: s.epoch,
                         reply: Reply::Sent {
@@ -1044,7 +1045,7 @@ impl Broker {
                     route,
                     now,
                     (content, data, reply_to),
-                    dedup,
+                    dedup_key,
                 );
             }
             None if hold || s.unread.contains_key(&to_name) => (
@@ -1088,7 +1089,7 @@ impl Broker {
             route,
             now,
             (content, data, reply_to),
-            dedup,
+            dedup_key,
         )
     }
 
@@ -1134,7 +1135,7 @@ impl Broker {
         route: Route,
         now: u64,
         (content, data, reply_to): (String, Option<String>, Option<Dot>),
-        dedup: Option<Vec<u8>>,
+        dedup_key: Option<String>,
     ) -> Outcome {
         let refusal = match place {
             Place::Inbox => {
@@ -1192,13 +1193,13 @@ impl Broker {
                 self.enqueue(&mut s, &mut batch, seq, env)
             }
         }
-        if let Some(k) = dedup {
+        if let Some(k) = dedup_key {
             let entry = DedupEntry {
                 id: dot.to_string(),
                 route: route.clone(),
                 at_ms: now,
             };
-            batch.put(k, federation::wire::encode(&entry));
+            s.dedup.record(&mut batch, &from, k, entry, seq);
         }
         let epoch = match self.apply(&mut s, batch) {
             Ok(e) => e,

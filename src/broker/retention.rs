@@ -202,23 +202,17 @@ impl Broker {
             }
         }
 
-        // Forget send dedup keys older than the retention.
-        let mut after: Option<Vec<u8>> = None;
+        // Forget send dedup keys older than the retention: the head of the log, a page at a time.
         loop {
-            let page = engine.scan(&[keys::DEDUP], after.as_deref(), 1024)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.0.clone());
+            let mut s = self.state();
             let mut batch = Batch::new();
-            for (k, v) in &page {
-                match federation::wire::decode::<super::DedupEntry>(v) {
-                    Ok(e) if e.at_ms > cutoff => {}
-                    _ => batch.delete(k.clone()),
-                }
-            }
-            if !batch.is_empty() {
-                let mut s = self.state();
+            let n = s.dedup.forget_before(engine, &mut batch, cutoff, 1024)?;
+            if n > 0 {
                 self.apply(&mut s, batch)
                     .map_err(|e| crate::error::Error::Storage(e.message))?;
+            }
+            if n < 1024 {
+                break;
             }
         }
 

@@ -101,8 +101,12 @@ pub mod keys {
     pub const PENDING: u8 = b'p';
     /// The delivery clock: `c` + origin broker → encoded origin clock.
     pub const CLOCK: u8 = b'c';
-    /// Send dedup keys: `k` + sender + `\0` + key → encoded [`crate::broker::DedupEntry`].
+    /// Send dedup keys as earlier versions stored them: `k` + sender + `\0` + key → encoded
+    /// [`crate::broker::DedupEntry`]. Moved into [`DEDUP_LOG`] at start.
     pub const DEDUP: u8 = b'k';
+    /// The send dedup log: `d` + time (u64 BE ms) + message sequence (u64 BE) → sender, key
+    /// and entry (see `broker/dedup.rs`).
+    pub const DEDUP_LOG: u8 = b'd';
     /// Fences and redirects (src/broker/fence.rs). Closed fences: `g` + sender + `\0` + old
     /// broker (u32 BE) → highest closed incarnation.
     pub const FENCE_CLOSED: u8 = b'g';
@@ -153,6 +157,14 @@ pub mod keys {
         k.extend_from_slice(sender.as_str().as_bytes());
         k.push(0);
         k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    pub fn dedup_log(at_ms: u64, seq: u64) -> Vec<u8> {
+        let mut k = Vec::with_capacity(17);
+        k.push(DEDUP_LOG);
+        k.extend_from_slice(&at_ms.to_be_bytes());
+        k.extend_from_slice(&seq.to_be_bytes());
         k
     }
 
