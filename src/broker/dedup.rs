@@ -1,20 +1,22 @@
 //! Send dedup keys: a resend with the key of an earlier send is answered as that send was,
 //! and stored no second time, for the retention.
 //!
-//! 1. Each key's record goes into a log in time order (`d` + time + sequence → sender, key and
-//!    what the send was answered), in the batch that stores the message. It lands at the end
-//!    of its keyspace, where sled's writes are cheapest. Keyed by the client's key, which is
+//! 1. Each key's record goes into a log in the order of the messages' sequences (`d` + the
+//!    message's sequence → sender, key and what the send was answered), in the batch that
+//!    stores the message. It lands at the end of its keyspace, where sled's writes are
+//!    cheapest. Keyed by the client's key, which is
 //!    random, the same record cost a write into a random place of the tree: a loaded broker
 //!    sent about 40 % more per second without it (docs/benchmarks.md).
-//! 2. An index in memory maps a hash of (sender, key) to its record's place in the log. A
-//!    lookup reads the record there and checks it is the one asked for.
+//! 2. An index in memory maps a hash of (sender, key) to its record's sequence: 16 bytes a key,
+//!    about 35 MiB for a million. A lookup reads the record there and checks it is the one
+//!    asked for.
 //! 3. At start the index is rebuilt from the log (records of the earlier layout, keyed by
 //!    sender and key, are moved into it). The retention sweep deletes records from the head of
-//!    the log, with their index slots.
+//!    the log, with their index slots; sequences grow with time, so the oldest come first.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use federation::AgentName;
 
@@ -30,24 +32,39 @@ struct Record {
     entry: DedupEntry,
 }
 
-/// Where a record sits in the log: (time in ms, sequence).
-type Place = (u64, u64);
-
 /// The index of the dedup log. See the module docs.
 pub struct Dedup {
     hasher: RandomState,
-    places: HashMap<u64, Place>,
+    /// Hash of (sender, key) → the record's sequence. The key is a hash already.
+    places: HashMap<u64, u64, BuildHasherDefault<AsIs>>,
 }
 
-/// Sequences for records moved from the earlier layout: above any message sequence.
-const MOVED: u64 = 1 << 63;
+/// Hashes a u64 that is a hash already: as it is.
+#[derive(Default)]
+struct AsIs(u64);
+
+impl Hasher for AsIs {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 impl Dedup {
     /// Reads the log into a new index, first moving records of the earlier layout into it.
     pub fn load(engine: &dyn Engine) -> Result<Dedup> {
         let mut d = Dedup {
             hasher: RandomState::new(),
-            places: HashMap::new(),
+            places: HashMap::default(),
         };
         d.upgrade(engine)?;
         let mut after: Option<Vec<u8>> = None;
@@ -80,10 +97,10 @@ impl Dedup {
         sender: &AgentName,
         key: &str,
     ) -> Result<Option<DedupEntry>> {
-        let Some(place) = self.places.get(&self.slot(sender.as_str(), key)) else {
+        let Some(seq) = self.places.get(&self.slot(sender.as_str(), key)) else {
             return Ok(None);
         };
-        let Some(v) = engine.get(&keys::dedup_log(place.0, place.1))? else {
+        let Some(v) = engine.get(&keys::dedup_log(*seq))? else {
             return Ok(None);
         };
         let record = decode(&v)?;
@@ -100,18 +117,14 @@ impl Dedup {
         entry: DedupEntry,
         seq: u64,
     ) {
-        let place = (entry.at_ms, seq);
         let slot = self.slot(sender.as_str(), &key);
         let record = Record {
             sender: sender.to_string(),
             key,
             entry,
         };
-        batch.put(
-            keys::dedup_log(place.0, place.1),
-            federation::wire::encode(&record),
-        );
-        self.places.insert(slot, place);
+        batch.put(keys::dedup_log(seq), federation::wire::encode(&record));
+        self.places.insert(slot, seq);
     }
 
     /// Adds to `batch` the deletion of up to `max` records at or before `cutoff` (ms), from the
@@ -126,13 +139,13 @@ impl Dedup {
         let page = engine.scan(&[keys::DEDUP_LOG], None, max)?;
         let mut n = 0;
         for (k, v) in page {
-            let place = parse_key(&k)?;
-            if place.0 > cutoff {
-                break;
-            }
+            let seq = parse_key(&k)?;
             if let Ok(record) = decode(&v) {
+                if record.entry.at_ms > cutoff {
+                    break;
+                }
                 let slot = self.slot(&record.sender, &record.key);
-                if self.places.get(&slot) == Some(&place) {
+                if self.places.get(&slot) == Some(&seq) {
                     self.places.remove(&slot);
                 }
             }
@@ -146,9 +159,11 @@ impl Dedup {
         self.hasher.hash_one((sender, key))
     }
 
-    /// Moves records of the earlier layout (`k` + sender + `\0` + key → entry) into the log.
+    /// Moves records of the earlier layout (`k` + sender + `\0` + key → entry) into the log,
+    /// at the lowest free sequences: below any message sent since (those were sent before).
     fn upgrade(&mut self, engine: &dyn Engine) -> Result<()> {
         let mut moved = 0u64;
+        let mut seq = 0u64;
         loop {
             let page = engine.scan(&[keys::DEDUP], None, 1024)?;
             if page.is_empty() {
@@ -174,10 +189,11 @@ impl Dedup {
                     key: key.to_string(),
                     entry,
                 };
-                batch.put(
-                    keys::dedup_log(record.entry.at_ms, MOVED | moved),
-                    federation::wire::encode(&record),
-                );
+                while engine.get(&keys::dedup_log(seq))?.is_some() {
+                    seq += 1;
+                }
+                batch.put(keys::dedup_log(seq), federation::wire::encode(&record));
+                seq += 1;
                 moved += 1;
             }
             engine.apply(batch)?;
@@ -194,11 +210,12 @@ fn decode(v: &[u8]) -> Result<Record> {
     federation::wire::decode(v).map_err(|e| Error::Storage(format!("corrupt dedup record: {e}")))
 }
 
-fn parse_key(k: &[u8]) -> Result<Place> {
-    let corrupt = || Error::Storage("corrupt dedup log key".into());
-    let at: [u8; 8] = k.get(1..9).ok_or_else(corrupt)?.try_into().expect("8");
-    let seq: [u8; 8] = k.get(9..17).ok_or_else(corrupt)?.try_into().expect("8");
-    Ok((u64::from_be_bytes(at), u64::from_be_bytes(seq)))
+fn parse_key(k: &[u8]) -> Result<u64> {
+    let seq: [u8; 8] = k
+        .get(1..)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| Error::Storage("corrupt dedup log key".into()))?;
+    Ok(u64::from_be_bytes(seq))
 }
 
 #[cfg(test)]
