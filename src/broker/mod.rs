@@ -1199,7 +1199,7 @@ impl Broker {
                 route: route.clone(),
                 at_ms: now,
             };
-            s.dedup.record(&mut batch, &from, k, entry, seq);
+            s.dedup.record(&mut batch, &from, k, entry);
         }
         let epoch = match self.apply(&mut s, batch) {
             Ok(e) => e,

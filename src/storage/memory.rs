@@ -33,6 +33,7 @@ impl Engine for MemoryEngine {
                 Op::Delete(k) => {
                     map.remove(&k);
                 }
+                Op::Append(k, tail) => map.entry(k).or_default().extend_from_slice(&tail),
             }
         }
         Ok(())

@@ -21,6 +21,8 @@ use crate::error::Result;
 pub enum Op {
     Put(Vec<u8>, Vec<u8>),
     Delete(Vec<u8>),
+    /// Adds bytes to the end of a key's value (making it, when there is none).
+    Append(Vec<u8>, Vec<u8>),
 }
 
 /// Writes applied all together or not at all.
@@ -40,6 +42,10 @@ impl Batch {
 
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
         self.ops.push(Op::Delete(key.into()));
+    }
+
+    pub fn append(&mut self, key: impl Into<Vec<u8>>, tail: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Append(key.into(), tail.into()));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -269,6 +275,52 @@ mod tests {
         assert_eq!(e.staged(), 0);
         assert_eq!(e.scan(b"a", None, usize::MAX).unwrap(), want);
         assert_eq!(e.get(&[b'a', 3]).unwrap(), None);
+    }
+
+    /// Appends, run against an engine: staged or not, flushed between them or not.
+    fn appends(engine: &dyn Engine, flush_between: bool) {
+        let step = |b: Batch| {
+            engine.apply(b).unwrap();
+            if flush_between {
+                engine.flush().unwrap();
+            }
+        };
+        let mut b = Batch::new();
+        b.append(b"g1".to_vec(), b"ab".to_vec());
+        b.put(b"g2".to_vec(), b"x".to_vec());
+        step(b);
+        let mut b = Batch::new();
+        b.append(b"g1".to_vec(), b"cd".to_vec());
+        b.append(b"g2".to_vec(), b"y".to_vec());
+        b.append(b"g1".to_vec(), b"e".to_vec());
+        step(b);
+        assert_eq!(engine.get(b"g1").unwrap(), Some(b"abcde".to_vec()));
+        assert_eq!(
+            engine.scan(b"g", None, 10).unwrap(),
+            vec![
+                (b"g1".to_vec(), b"abcde".to_vec()),
+                (b"g2".to_vec(), b"xy".to_vec())
+            ]
+        );
+        let mut b = Batch::new();
+        b.delete(b"g2".to_vec());
+        b.append(b"g2".to_vec(), b"z".to_vec());
+        step(b);
+        assert_eq!(engine.get(b"g2").unwrap(), Some(b"z".to_vec()));
+        engine.flush().unwrap();
+        assert_eq!(engine.get(b"g1").unwrap(), Some(b"abcde".to_vec()));
+        assert_eq!(engine.get(b"g2").unwrap(), Some(b"z".to_vec()));
+    }
+
+    #[test]
+    fn appends_extend_a_value_in_every_engine() {
+        appends(&MemoryEngine::new(), false);
+        appends(&Staged::new(MemoryEngine::new()), false);
+        appends(&Staged::new(MemoryEngine::new()), true);
+        let dir = tempfile::tempdir().unwrap();
+        appends(&SledEngine::open(dir.path()).unwrap(), false);
+        let dir = tempfile::tempdir().unwrap();
+        appends(&SledEngine::open(dir.path()).unwrap(), true);
     }
 
     #[test]

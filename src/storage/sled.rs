@@ -79,12 +79,20 @@ impl Engine for SledTree {
         Ok(self.db.get(key).map_err(storage)?.map(|v| v.to_vec()))
     }
 
+    /// Applies the batch atomically. An append reads the value it extends first, so batches
+    /// with appends must not be applied concurrently ([`Staged`] applies one group at a time,
+    /// and turns its appends into puts before).
     fn apply(&self, batch: Batch) -> Result<()> {
         let mut b = ::sled::Batch::default();
         for op in batch.ops {
             match op {
                 Op::Put(k, v) => b.insert(k, v),
                 Op::Delete(k) => b.remove(k),
+                Op::Append(k, tail) => {
+                    let mut v = self.get(&k)?.unwrap_or_default();
+                    v.extend_from_slice(&tail);
+                    b.insert(k, v)
+                }
             }
         }
         self.db.apply_batch(b).map_err(storage)

@@ -21,8 +21,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::{Batch, Engine, Op};
 use crate::error::Result;
 
-/// Staged writes by key: `Some(value)` a put, `None` a delete.
-type Layer = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A staged write.
+#[derive(Clone, Debug)]
+enum Write {
+    Put(Vec<u8>),
+    Delete,
+    /// Bytes to add to the end of the value beneath. Only in the pending layer: a flush turns
+    /// each into the put of the whole value before the group becomes readable as `applying`.
+    Append(Vec<u8>),
+}
+
+/// Staged writes by key.
+type Layer = BTreeMap<Vec<u8>, Write>;
 
 /// An engine whose writes are grouped into one batch per flush. See the module docs.
 pub struct Staged<E> {
@@ -53,6 +63,18 @@ impl<E: Engine> Staged<E> {
         self.layers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The value of `key` with `tail` appended, reading what it extends from the applying
+    /// group or the engine beneath. Call with the layers locked.
+    fn appended(&self, l: &Layers, key: &[u8], tail: &[u8]) -> Result<Vec<u8>> {
+        let mut v = match l.applying.as_ref().and_then(|a| a.get(key)) {
+            Some(Write::Put(v)) => v.clone(),
+            Some(_) => Vec::new(),
+            None => self.inner.get(key)?.unwrap_or_default(),
+        };
+        v.extend_from_slice(tail);
+        Ok(v)
+    }
+
     /// How many staged ops wait for the next flush (for tests and counters).
     pub fn staged(&self) -> usize {
         self.layers().pending.len()
@@ -63,11 +85,18 @@ impl<E: Engine> Engine for Staged<E> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         {
             let l = self.layers();
-            if let Some(v) = l.pending.get(key) {
-                return Ok(v.clone());
+            match l.pending.get(key) {
+                Some(Write::Put(v)) => return Ok(Some(v.clone())),
+                Some(Write::Delete) => return Ok(None),
+                // Read what it extends with the layers locked: no group lands in between.
+                Some(Write::Append(tail)) => return self.appended(&l, key, tail).map(Some),
+                None => {}
             }
-            if let Some(v) = l.applying.as_ref().and_then(|a| a.get(key)) {
-                return Ok(v.clone());
+            if let Some(w) = l.applying.as_ref().and_then(|a| a.get(key)) {
+                return Ok(match w {
+                    Write::Put(v) => Some(v.clone()),
+                    _ => None,
+                });
             }
         }
         // Not staged when we looked; if a flush lands it beneath meanwhile, we read it there.
@@ -78,9 +107,20 @@ impl<E: Engine> Engine for Staged<E> {
         let mut l = self.layers();
         for op in batch.ops {
             match op {
-                Op::Put(k, v) => l.pending.insert(k, Some(v)),
-                Op::Delete(k) => l.pending.insert(k, None),
-            };
+                Op::Put(k, v) => {
+                    l.pending.insert(k, Write::Put(v));
+                }
+                Op::Delete(k) => {
+                    l.pending.insert(k, Write::Delete);
+                }
+                Op::Append(k, tail) => match l.pending.get_mut(&k) {
+                    Some(Write::Put(v)) | Some(Write::Append(v)) => v.extend_from_slice(&tail),
+                    Some(w @ Write::Delete) => *w = Write::Put(tail),
+                    None => {
+                        l.pending.insert(k, Write::Append(tail));
+                    }
+                },
+            }
         }
         Ok(())
     }
@@ -139,9 +179,11 @@ impl<E: Engine> Engine for Staged<E> {
                 }
             };
             if take_staged {
-                let (k, v) = staged.next().expect("peeked");
-                if let Some(v) = v {
-                    out.push((k.clone(), v.clone()));
+                let (k, w) = staged.next().expect("peeked");
+                match w {
+                    Write::Put(v) => out.push((k.clone(), v.clone())),
+                    Write::Delete => {}
+                    Write::Append(tail) => out.push((k.clone(), self.appended(&l, k, tail)?)),
                 }
             } else {
                 out.push(below.next().expect("checked"));
@@ -157,6 +199,15 @@ impl<E: Engine> Engine for Staged<E> {
             if l.pending.is_empty() {
                 None
             } else {
+                // An append becomes the put of the whole value: the engine beneath is not
+                // written while we hold the flush turn, so what it holds now is the base.
+                for (k, w) in l.pending.iter_mut() {
+                    if let Write::Append(tail) = w {
+                        let mut v = self.inner.get(k)?.unwrap_or_default();
+                        v.extend_from_slice(tail);
+                        *w = Write::Put(v);
+                    }
+                }
                 let group = Arc::new(std::mem::take(&mut l.pending));
                 l.applying = Some(group.clone());
                 Some(group)
@@ -165,10 +216,13 @@ impl<E: Engine> Engine for Staged<E> {
         if let Some(group) = group {
             let mut batch = Batch::new();
             batch.ops.reserve(group.len());
-            for (k, v) in group.iter() {
-                batch.ops.push(match v {
-                    Some(v) => Op::Put(k.clone(), v.clone()),
-                    None => Op::Delete(k.clone()),
+            for (k, w) in group.iter() {
+                batch.ops.push(match w {
+                    Write::Put(v) => Op::Put(k.clone(), v.clone()),
+                    Write::Delete => Op::Delete(k.clone()),
+                    Write::Append(_) => {
+                        unreachable!("appends are resolved when the group is taken")
+                    }
                 });
             }
             let applied = self.inner.apply(batch);
@@ -178,7 +232,15 @@ impl<E: Engine> Engine for Staged<E> {
                 // Keep the group staged (under anything written since), so reads stay true to
                 // what was acknowledged as written; the caller reports the failure.
                 let newer = std::mem::replace(&mut l.pending, (*group).clone());
-                l.pending.extend(newer);
+                for (k, w) in newer {
+                    match (l.pending.get_mut(&k), w) {
+                        (Some(Write::Put(v)), Write::Append(tail)) => v.extend_from_slice(&tail),
+                        (Some(w @ Write::Delete), Write::Append(tail)) => *w = Write::Put(tail),
+                        (_, w) => {
+                            l.pending.insert(k, w);
+                        }
+                    }
+                }
                 return Err(e);
             }
         }
@@ -187,16 +249,16 @@ impl<E: Engine> Engine for Staged<E> {
 }
 
 /// Two staged layers as one sorted stream: on equal keys the newer layer's op wins.
-struct Newest<'a, I: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>> {
+struct Newest<'a, I: Iterator<Item = (&'a Vec<u8>, &'a Write)>> {
     newer: Peekable<I>,
     older: Peekable<I>,
 }
 
 impl<'a, I> Iterator for Newest<'a, I>
 where
-    I: Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    I: Iterator<Item = (&'a Vec<u8>, &'a Write)>,
 {
-    type Item = (&'a Vec<u8>, &'a Option<Vec<u8>>);
+    type Item = (&'a Vec<u8>, &'a Write);
 
     fn next(&mut self) -> Option<Self::Item> {
         match (self.newer.peek(), self.older.peek()) {
@@ -221,7 +283,7 @@ fn staged_range<'a>(
     layer: &'a Layer,
     start: &Bound<Vec<u8>>,
     prefix: &'a [u8],
-) -> Peekable<impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>> {
+) -> Peekable<impl Iterator<Item = (&'a Vec<u8>, &'a Write)>> {
     layer
         .range((start.clone(), Bound::Unbounded))
         .take_while(move |(k, _)| k.starts_with(prefix))
