@@ -110,8 +110,8 @@ pub mod keys {
     /// Send dedup keys as earlier versions stored them: `k` + sender + `\0` + key → encoded
     /// [`crate::broker::DedupEntry`]. Moved into [`DEDUP_LOG`] at start.
     pub const DEDUP: u8 = b'k';
-    /// The send dedup log: `d` + message sequence (u64 BE) → sender, key and entry (see
-    /// `broker/dedup.rs`).
+    /// The send dedup log: `d` + group number (u64 BE) → up to 256 records (sender, key and
+    /// entry), one after another, appended to (see `broker/dedup.rs`).
     pub const DEDUP_LOG: u8 = b'd';
     /// Fences and redirects (src/broker/fence.rs). Closed fences: `g` + sender + `\0` + old
     /// broker (u32 BE) → highest closed incarnation.
@@ -166,10 +166,10 @@ pub mod keys {
         k
     }
 
-    pub fn dedup_log(seq: u64) -> Vec<u8> {
+    pub fn dedup_log(group: u64) -> Vec<u8> {
         let mut k = Vec::with_capacity(9);
         k.push(DEDUP_LOG);
-        k.extend_from_slice(&seq.to_be_bytes());
+        k.extend_from_slice(&group.to_be_bytes());
         k
     }
 
