@@ -182,8 +182,8 @@ pub fn stale_ranges(
     first_kept: u64,
 ) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
-    let mut ranges = Pages::new(engine, keys::READ_RANGE, agent, 0, 1024);
-    while let Some((first, value)) = ranges.next()? {
+    let mut ranges = Pages::inbox(engine, keys::READ_RANGE, agent, 0, 1024);
+    while let Some((first, value)) = ranges.next_at()? {
         if first >= first_kept {
             break;
         }
@@ -199,8 +199,8 @@ pub fn stale_ranges(
 pub fn all_keys(engine: &dyn Engine, agent: &AgentName) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for space in [keys::UNREAD, keys::READ, keys::READ_RANGE] {
-        let mut page = Pages::new(engine, space, agent, 0, 1024);
-        while let Some((arrival, _)) = page.next()? {
+        let mut page = Pages::inbox(engine, space, agent, 0, 1024);
+        while let Some((arrival, _)) = page.next_at()? {
             out.push(keys::inbox(space, agent, arrival));
         }
     }
@@ -235,29 +235,29 @@ fn walk(
     page: usize,
     mut visit: impl FnMut(Raw) -> Result<bool>,
 ) -> Result<()> {
-    let mut messages = Pages::new(engine, keys::UNREAD, agent, from, page);
-    let mut marks = Pages::new(engine, keys::READ, agent, from, page);
-    let mut ranges = Pages::new(engine, keys::READ_RANGE, agent, from, page);
+    let mut messages = Pages::inbox(engine, keys::UNREAD, agent, from, page);
+    let mut marks = Pages::inbox(engine, keys::READ, agent, from, page);
+    let mut ranges = Pages::inbox(engine, keys::READ_RANGE, agent, from, page);
     // The range reaching furthest among those begun so far: (last, read at).
     let mut cover: Option<(u64, u64)> = None;
-    while let Some((arrival, message)) = messages.next()? {
+    while let Some((arrival, message)) = messages.next_at()? {
         let mut read_at_ms = None;
         // Marks come in the same order; one without its message (there should be none) is
         // stepped over.
-        while let Some(mark) = marks.peek()? {
+        while let Some(mark) = marks.peek_at()? {
             if mark > arrival {
                 break;
             }
-            let (at, value) = marks.next()?.expect("peeked");
+            let (at, value) = marks.next_at()?.expect("peeked");
             if at == arrival {
                 read_at_ms = Some(parse_mark(&value)?);
             }
         }
-        while let Some(first) = ranges.peek()? {
+        while let Some(first) = ranges.peek_at()? {
             if first > arrival {
                 break;
             }
-            let (_, value) = ranges.next()?.expect("peeked");
+            let (_, value) = ranges.next_at()?.expect("peeked");
             let (last, at) = parse_range(&value)?;
             if cover.is_none_or(|(reach, _)| last > reach) {
                 cover = Some((last, at));
@@ -295,30 +295,36 @@ fn parse_mark(value: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(at))
 }
 
-/// One space of one inbox, read a page at a time: (position, value) pairs in order.
+/// The pairs under a key prefix, in order, read a page at a time.
 struct Pages<'a> {
     engine: &'a dyn Engine,
     prefix: Vec<u8>,
     /// The last key read (the next page starts after it).
     after: Option<Vec<u8>>,
-    buffered: VecDeque<(u64, Vec<u8>)>,
+    buffered: VecDeque<(Vec<u8>, Vec<u8>)>,
     page: usize,
     done: bool,
 }
 
 impl<'a> Pages<'a> {
-    fn new(engine: &'a dyn Engine, space: u8, agent: &AgentName, from: u64, page: usize) -> Self {
+    fn new(engine: &'a dyn Engine, prefix: Vec<u8>, after: Option<Vec<u8>>, page: usize) -> Self {
         Pages {
             engine,
-            prefix: keys::inbox_prefix(space, agent),
-            // Positions start at `from`: the page starts after the key just below it.
-            after: from
-                .checked_sub(1)
-                .map(|below| keys::inbox(space, agent, below)),
+            prefix,
+            after,
             buffered: VecDeque::new(),
             page,
             done: false,
         }
+    }
+
+    /// One space of one inbox, from position `from` on.
+    fn inbox(engine: &'a dyn Engine, space: u8, agent: &AgentName, from: u64, page: usize) -> Self {
+        // Positions start at `from`: the page starts after the key just below it.
+        let after = from
+            .checked_sub(1)
+            .map(|below| keys::inbox(space, agent, below));
+        Pages::new(engine, keys::inbox_prefix(space, agent), after, page)
     }
 
     fn fill(&mut self) -> Result<()> {
@@ -332,25 +338,40 @@ impl<'a> Pages<'a> {
             if let Some((k, _)) = page.last() {
                 self.after = Some(k.clone());
             }
-            for (k, v) in page {
-                let Some((_, arrival)) = keys::parse_inbox(&k) else {
-                    return Err(Error::Storage("corrupt inbox key".into()));
-                };
-                self.buffered.push_back((arrival, v));
-            }
+            self.buffered.extend(page);
         }
         Ok(())
     }
 
-    fn peek(&mut self) -> Result<Option<u64>> {
+    fn peek(&mut self) -> Result<Option<&(Vec<u8>, Vec<u8>)>> {
         self.fill()?;
-        Ok(self.buffered.front().map(|(a, _)| *a))
+        Ok(self.buffered.front())
     }
 
-    fn next(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+    fn next(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         self.fill()?;
         Ok(self.buffered.pop_front())
     }
+
+    /// The inbox position of the next pair.
+    fn peek_at(&mut self) -> Result<Option<u64>> {
+        self.peek()?.map(|(k, _)| position(k)).transpose()
+    }
+
+    /// The next pair, by inbox position.
+    fn next_at(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        match self.next()? {
+            Some((k, v)) => Ok(Some((position(&k)?, v))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The position in an inbox key.
+fn position(key: &[u8]) -> Result<u64> {
+    keys::parse_inbox(key)
+        .map(|(_, at)| at)
+        .ok_or_else(|| Error::Storage("corrupt inbox key".into()))
 }
 
 /// Counts the unread entries of every inbox, and where each one's read floor can start
@@ -359,9 +380,9 @@ pub fn count_unread(
     engine: &dyn Engine,
 ) -> Result<std::collections::HashMap<AgentName, (u64, u64)>> {
     let mut out: std::collections::HashMap<AgentName, (u64, u64)> = Default::default();
-    let mut messages = AllPages::new(engine, keys::UNREAD);
-    let mut marks = AllPages::new(engine, keys::READ);
-    let mut ranges = AllPages::new(engine, keys::READ_RANGE);
+    let all = |space: u8| Pages::new(engine, vec![space], None, 1024);
+    let (mut messages, mut marks, mut ranges) =
+        (all(keys::UNREAD), all(keys::READ), all(keys::READ_RANGE));
     // The range reaching furthest among those begun so far in the current inbox:
     // (the inbox's key prefix, last position).
     let mut cover: Option<(Vec<u8>, u64)> = None;
@@ -410,77 +431,31 @@ pub fn count_unread(
     Ok(out)
 }
 
-/// Every pair of one space, a page at a time.
-struct AllPages<'a> {
-    engine: &'a dyn Engine,
-    space: u8,
-    after: Option<Vec<u8>>,
-    buffered: VecDeque<(Vec<u8>, Vec<u8>)>,
-    done: bool,
-}
-
-impl<'a> AllPages<'a> {
-    fn new(engine: &'a dyn Engine, space: u8) -> Self {
-        AllPages {
-            engine,
-            space,
-            after: None,
-            buffered: VecDeque::new(),
-            done: false,
-        }
-    }
-
-    fn fill(&mut self) -> Result<()> {
-        if self.buffered.is_empty() && !self.done {
-            let page = self
-                .engine
-                .scan(&[self.space], self.after.as_deref(), 1024)?;
-            self.done = page.len() < 1024;
-            if let Some((k, _)) = page.last() {
-                self.after = Some(k.clone());
-            }
-            self.buffered.extend(page);
-        }
-        Ok(())
-    }
-
-    fn peek(&mut self) -> Result<Option<&(Vec<u8>, Vec<u8>)>> {
-        self.fill()?;
-        Ok(self.buffered.front())
-    }
-
-    fn next(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        self.fill()?;
-        Ok(self.buffered.pop_front())
-    }
-}
-
 /// Rewrites read entries stored by earlier versions (the `r` value was the read time followed
 /// by the whole message, the `u` entry gone) as a message and a read mark. Returns how many.
 pub fn upgrade_read_copies(engine: &dyn Engine) -> Result<u64> {
+    // Once per database: after that, start-up does not read the marks again.
+    let done = keys::meta("inbox_layout");
+    if engine.get(&done)?.as_deref() == Some(&[2][..]) {
+        return Ok(0);
+    }
     let mut n = 0;
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = engine.scan(&[keys::READ], after.as_deref(), 1024)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        let mut batch = Batch::new();
-        for (k, v) in &page {
-            if v.len() > 8 {
-                let mut message_key = k.clone();
-                message_key[0] = keys::UNREAD;
-                batch.put(message_key, v[8..].to_vec());
-                batch.put(k.clone(), v[..8].to_vec());
-                n += 1;
-            }
+    let mut marks = Pages::new(engine, vec![keys::READ], None, 1024);
+    let mut batch = Batch::new();
+    while let Some((k, v)) = marks.next()? {
+        if v.len() > 8 {
+            let mut message_key = k.clone();
+            message_key[0] = keys::UNREAD;
+            batch.put(message_key, v[8..].to_vec());
+            batch.put(k, v[..8].to_vec());
+            n += 1;
         }
-        if !batch.is_empty() {
-            engine.apply(batch)?;
-        }
-        if page.len() < 1024 {
-            break;
+        if batch.ops.len() >= 2048 {
+            engine.apply(std::mem::take(&mut batch))?;
         }
     }
+    batch.put(done, vec![2]);
+    engine.apply(batch)?;
     Ok(n)
 }
 

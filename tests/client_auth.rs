@@ -19,7 +19,7 @@ use ipc_mesh::auth::{self, ClientSecret};
 use ipc_mesh::client::Connection;
 use ipc_mesh::error::{Error, ErrorKind};
 use ipc_mesh::protocol::{Body, Reply, Request, Response, Welcome};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use support::*;
@@ -67,19 +67,6 @@ async fn write_frame(s: &mut TcpStream, body: &[u8]) {
     b.put_u32(body.len() as u32);
     b.extend_from_slice(body);
     s.write_all(&b).await.unwrap();
-}
-
-/// One frame, or None at EOF (or after 10 s of silence).
-async fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.ok()?;
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut body).await.ok()?;
-        Some(body)
-    })
-    .await
-    .expect("the broker neither answered nor closed within 10 s")
 }
 
 /// A raw connection past the hello; returns it with the welcome.

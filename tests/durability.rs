@@ -20,14 +20,11 @@ const WINDOW: usize = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
-    let home = temp_home();
-    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let mut broker = BrokerProc::start(home.path(), &addr);
+    let (home, addr, mut broker) = start();
     let h = Home::at(home.path());
 
     let bob = AgentName::new("bob").unwrap();
-    let mut receiver = Client::connect(&addr).await.unwrap();
-    receiver.register_as(&bob, &h).await.unwrap();
+    let receiver = connect_as(&addr, &h, &bob).await;
     drop(receiver);
 
     let acked: Arc<Mutex<Vec<(usize, usize, String)>>> = Arc::default();
@@ -37,11 +34,8 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
         let (addr, h, acked, acked_count) =
             (addr.clone(), h.clone(), acked.clone(), acked_count.clone());
         tasks.push(tokio::spawn(async move {
-            let mut client = Client::connect(&addr).await.unwrap();
-            client
-                .register_as(&AgentName::new(format!("sender{s}")).unwrap(), &h)
-                .await
-                .unwrap();
+            let name = AgentName::new(format!("sender{s}")).unwrap();
+            let client = connect_as(&addr, &h, &name).await;
             // Use the raw pipelined connection: after the kill, calls fail instead of retrying.
             let conn: Connection = client.connection().clone();
             let contents = (0..PER_SENDER).map(|i| format!("s{s}-{i:05}")).collect();
@@ -71,8 +65,7 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
     eprintln!("acknowledged before the kill: {}", acked.len());
 
     broker.restart();
-    let mut receiver = Client::connect(&addr).await.unwrap();
-    receiver.register_as(&bob, &h).await.unwrap();
+    let mut receiver = connect_as(&addr, &h, &bob).await;
     let mut delivered = Vec::new();
     loop {
         let (msgs, _) = receiver.check(None, 1000).await.unwrap();
@@ -131,20 +124,13 @@ async fn acknowledged_sends_survive_kill_9_exactly_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_read_before_kill_9_are_not_delivered_again() {
     const MESSAGES: usize = 600;
-    let home = temp_home();
-    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let mut broker = BrokerProc::start(home.path(), &addr);
+    let (home, addr, mut broker) = start();
     let h = Home::at(home.path());
 
     let bob = AgentName::new("bob").unwrap();
-    let mut receiver = Client::connect(&addr).await.unwrap();
-    receiver.register_as(&bob, &h).await.unwrap();
+    let receiver = connect_as(&addr, &h, &bob).await;
     let reader: Connection = receiver.connection().clone();
-    let mut sender = Client::connect(&addr).await.unwrap();
-    sender
-        .register_as(&AgentName::new("alice").unwrap(), &h)
-        .await
-        .unwrap();
+    let sender = connect_as(&addr, &h, &AgentName::new("alice").unwrap()).await;
     let conn: Connection = sender.connection().clone();
 
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -178,8 +164,7 @@ async fn messages_read_before_kill_9_are_not_delivered_again() {
     let acked = acked.lock().unwrap().clone();
 
     broker.restart();
-    let mut receiver = Client::connect(&addr).await.unwrap();
-    receiver.register_as(&bob, &h).await.unwrap();
+    let mut receiver = connect_as(&addr, &h, &bob).await;
     let mut read_after = Vec::new();
     loop {
         let (msgs, _) = receiver.check(None, 1000).await.unwrap();
@@ -263,14 +248,11 @@ async fn send_pipelined(
 /// with the first send's id and stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resend_after_kill_9_is_recognised_by_its_dedup_key() {
-    let home = temp_home();
-    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let mut broker = BrokerProc::start(home.path(), &addr);
+    let (home, addr, mut broker) = start();
     let h = Home::at(home.path());
     let bob = AgentName::new("bob").unwrap();
     let alice = AgentName::new("alice").unwrap();
-    let mut receiver = Client::connect(&addr).await.unwrap();
-    receiver.register_as(&bob, &h).await.unwrap();
+    let receiver = connect_as(&addr, &h, &bob).await;
     drop(receiver);
 
     let send = |key: &str| {
@@ -281,8 +263,7 @@ async fn a_resend_after_kill_9_is_recognised_by_its_dedup_key() {
             ..Default::default()
         })
     };
-    let mut sender = Client::connect(&addr).await.unwrap();
-    sender.register_as(&alice, &h).await.unwrap();
+    let sender = connect_as(&addr, &h, &alice).await;
     let mut first = Vec::new();
     for key in ["k-1", "k-2", "k-3"] {
         match sender.connection().call(send(key)).await.unwrap() {
@@ -293,17 +274,30 @@ async fn a_resend_after_kill_9_is_recognised_by_its_dedup_key() {
     broker.kill9();
     broker.restart();
 
-    let mut sender = Client::connect(&addr).await.unwrap();
-    sender.register_as(&alice, &h).await.unwrap();
+    let sender = connect_as(&addr, &h, &alice).await;
     for (key, id) in ["k-1", "k-2", "k-3"].into_iter().zip(&first) {
         match sender.connection().call(send(key)).await.unwrap() {
             Reply::Sent { id: again, .. } => assert_eq!(&again, id, "{key}"),
             other => panic!("{other:?}"),
         }
     }
-    let mut receiver = Client::connect(&addr).await.unwrap();
-    receiver.register_as(&bob, &h).await.unwrap();
+    let mut receiver = connect_as(&addr, &h, &bob).await;
     let (msgs, _) = receiver.check(None, 100).await.unwrap();
     let ids: Vec<&str> = msgs.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, first.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+}
+
+/// A broker process on a free loopback port, in a fresh home.
+fn start() -> (tempfile::TempDir, String, BrokerProc) {
+    let home = temp_home();
+    let addr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let broker = BrokerProc::start(home.path(), &addr);
+    (home, addr, broker)
+}
+
+/// A client registered as `name` (its token kept in `h`).
+async fn connect_as(addr: &str, h: &Home, name: &AgentName) -> Client {
+    let mut client = Client::connect(addr).await.unwrap();
+    client.register_as(name, h).await.unwrap();
+    client
 }

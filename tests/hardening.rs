@@ -93,33 +93,19 @@ fn frame(body: &[u8]) -> BytesMut {
     b
 }
 
-async fn read_frame(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
-    tokio::time::timeout(within, async {
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.ok()?;
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut body).await.ok()?;
-        Some(body)
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the broker neither answered nor closed within {within:?}"))
-}
-
 /// A raw connection past the hello and welcome.
 async fn hello(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&frame(&Hello::new(Role::Client).encode()))
         .await
         .unwrap();
-    read_frame(&mut s, Duration::from_secs(10))
-        .await
-        .expect("welcome");
+    read_frame(&mut s).await.expect("welcome");
     s
 }
 
 /// The error of the next frame, which must be an error response.
 async fn error_of(s: &mut TcpStream) -> (u64, ipc_mesh::error::WireError) {
-    let f = read_frame(s, Duration::from_secs(10))
+    let f = read_frame(s)
         .await
         .expect("an error frame before the close");
     let r: Response = wire::decode(&f).expect("a response frame");
@@ -180,8 +166,12 @@ async fn thousands_of_idle_connections_do_not_stop_a_well_behaved_client() {
         })))
         .await
         .unwrap();
-    let pong: Response =
-        wire::decode(&read_frame(&mut idle[0], SERVED_WITHIN).await.unwrap()).expect("a response");
+    let pong: Response = wire::decode(
+        &read_frame_within(&mut idle[0], SERVED_WITHIN)
+            .await
+            .unwrap(),
+    )
+    .expect("a response");
     assert_eq!(pong.id, 9);
     assert_served(&mut good, 5, "after the hello timeout").await;
 }
@@ -327,7 +317,7 @@ async fn over_the_connection_limit_newcomers_get_a_clear_refusal() {
         s.write_all(&frame(&Hello::new(Role::Client).encode()))
             .await
             .unwrap();
-        let f = read_frame(&mut s, Duration::from_secs(5))
+        let f = read_frame_within(&mut s, Duration::from_secs(5))
             .await
             .expect("a welcome or a refusal, never silence");
         match wire::decode::<Response>(&f) {

@@ -41,15 +41,6 @@ fn kind(r: Result<Reply, Error>) -> ErrorKind {
     }
 }
 
-/// Reads one length-delimited frame from a raw socket, or None at EOF.
-async fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).await.ok()?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body).await.ok()?;
-    Some(body)
-}
-
 async fn write_frame(s: &mut TcpStream, body: &[u8]) {
     let mut b = BytesMut::new();
     b.put_u32(body.len() as u32);

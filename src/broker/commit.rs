@@ -21,7 +21,8 @@ use crate::error::WireError;
 pub struct Durable {
     /// Every write with an epoch at or below this is on disk.
     pub epoch: u64,
-    /// Every inbox entry with an arrival position at or below this is on disk (and visible).
+    /// Every inbox or outbox entry at a position at or below this is on disk: outboxes stream
+    /// only these, and a read that marks nothing waits for its entries to be.
     pub arrival: u64,
     /// Set once a flush has failed: the broker can no longer promise durability.
     pub failed: bool,

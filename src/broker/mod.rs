@@ -1453,7 +1453,7 @@ impl Broker {
                 Err(e) => return Err(e).into(),
             }
             // Everything from the floor to the last of these is read now.
-            floor = entries.last().map_or(floor, |e| e.arrival + 1);
+            floor = last + 1;
             let n = entries.len() as u64;
             if let Some(u) = s.unread.get_mut(agent) {
                 *u = u.saturating_sub(n);
@@ -1494,7 +1494,7 @@ impl Broker {
     }
 
     /// Whether `agent` has an unread message.
-    pub fn has_visible_unread(&self, agent: &AgentName) -> bool {
+    pub fn has_unread(&self, agent: &AgentName) -> bool {
         let floor = Self::read_floor(&self.state(), agent);
         matches!(inbox::unread(&*self.inner.engine, agent, floor, 1, 0), Ok(u) if !u.entries.is_empty())
     }

@@ -140,7 +140,7 @@ pub(super) async fn run(
     let frame_timeout = broker.config().limits.frame_timeout;
 
     let (sink, mut frames) = framed.split();
-    let (tx, rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
+    let (tx, rx) = mpsc::channel::<Outbound>(REPLY_QUEUE);
     // Cancelled when replies can no longer be written: the connection is then closed, so the
     // client sees it end instead of waiting for answers that cannot come.
     let broken = CancellationToken::new();
@@ -248,7 +248,7 @@ pub(super) async fn run(
                 // The writer holds it until the flush that covers `epoch`, with the others
                 // that flush releases: one write for them all.
                 if tx
-                    .send(Outgoing::AfterCommit { epoch, id, reply })
+                    .send(Outbound::AfterCommit { epoch, id, reply })
                     .await
                     .is_err()
                 {
@@ -267,7 +267,7 @@ pub(super) async fn run(
                     let notified = notify.notified();
                     tokio::pin!(notified);
                     notified.as_mut().enable();
-                    if !broker.has_visible_unread(&agent) {
+                    if !broker.has_unread(&agent) {
                         tokio::select! {
                             _ = notified => {}
                             _ = tokio::time::sleep(timeout) => {}
@@ -298,16 +298,16 @@ pub(super) async fn run(
 type ReplySink = futures::stream::SplitSink<connection::FramedStream, Bytes>;
 
 /// What the writer is given to send.
-enum Outgoing {
+enum Outbound {
     /// A reply to send as soon as possible.
     Now(Response),
     /// A reply to send once every write up to `epoch` is durable.
     AfterCommit { epoch: u64, id: u64, reply: Reply },
 }
 
-impl From<Response> for Outgoing {
+impl From<Response> for Outbound {
     fn from(r: Response) -> Self {
-        Outgoing::Now(r)
+        Outbound::Now(r)
     }
 }
 
@@ -317,7 +317,7 @@ impl From<Response> for Outgoing {
 /// Runs until the reader is gone and every queued reply is written.
 async fn write_replies(
     mut sink: ReplySink,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: mpsc::Receiver<Outbound>,
     commit: super::commit::Commit,
     broken: CancellationToken,
     peer: SocketAddr,
@@ -351,11 +351,11 @@ async fn write_replies(
             let mut wrote = false;
             for out in ready {
                 match out {
-                    Outgoing::Now(resp) => {
+                    Outbound::Now(resp) => {
                         sink.feed(encode(&resp)).await?;
                         wrote = true;
                     }
-                    Outgoing::AfterCommit { epoch, id, reply } => {
+                    Outbound::AfterCommit { epoch, id, reply } => {
                         waiting.push_back((epoch, id, reply));
                     }
                 }

@@ -276,3 +276,23 @@ pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> 
     }
     start.elapsed()
 }
+
+/// One length-delimited frame from a raw socket, or None at EOF; panics if the broker neither
+/// answers nor closes within 10 s.
+pub async fn read_frame(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    read_frame_within(s, Duration::from_secs(10)).await
+}
+
+/// [`read_frame`], with its own deadline.
+pub async fn read_frame_within(s: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(within, async {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await.ok()?;
+        Some(body)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the broker neither answered nor closed within {within:?}"))
+}
